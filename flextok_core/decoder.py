@@ -1,0 +1,223 @@
+"""Rectified-flow decoder: predicts the velocity of noised VAE latents, conditioned on register tokens.
+
+Sequence per sample: [noised latent patches (P), registers (N)], full bidirectional attention. Registers past
+the kept prefix ``keep_k`` are overwritten by a learned mask token (nested dropout); for classifier-free
+guidance every register is overwritten by the null condition. adaLN-zero on the timestep modulates patches
+and registers separately (``adaln_expansion = 2``).
+
+Exact fast path: the overwritten registers are identical vectors, and nothing position-dependent touches
+them after the overwrite, so they stay identical through every block. A run of ``n`` identical keys/values
+contributes ``n * exp(q.k) v`` to attention, which one token with key logit ``q.k + log n`` reproduces. The
+conditional sequence therefore shrinks from P+N to P+k+1 tokens and the unconditional one to P+1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import TimestepEmbedding
+from torch import nn
+
+from .layers import Attention, SwiGLU, layer_norm, patchify, sincos_2d, swiglu_hidden_dim, timestep_frequencies, unpatchify
+
+Groups = list  # [(batch, length, attention mask or None)] -- see layers.Attention
+
+
+def _split_types(t: torch.Tensor, groups: Groups, num_patches: int):
+    """Yield the patch part ``[B,P,..]`` and register part ``[B,R,..]`` of every group in a packed tensor."""
+    start = 0
+    for batch, length, _ in groups:
+        tg = t[start : start + batch * length].view(batch, length, -1)
+        start += batch * length
+        yield tg[:, :num_patches], tg[:, num_patches:]
+
+
+def _apply_per_type(t, groups, num_patches, fn):
+    """Packed ``[T, D]`` -> packed ``[T, D]`` with ``fn(part, type_index)``; type 0 = patches, 1 = registers."""
+    out = [torch.cat([fn(p, 0), fn(r, 1)], dim=1).flatten(0, 1) for p, r in _split_types(t, groups, num_patches)]
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+class AdaLNBlock(nn.Module):
+    """Pre-norm block with adaLN-zero modulation from the timestep embedding, per token type."""
+
+    def __init__(self, dim: int, head_dim: int, mlp_ratio: float, adaln_expansion: int = 2):
+        super().__init__()
+        self.adaln_expansion = adaln_expansion
+        self.attn = Attention(dim, head_dim)
+        self.mlp = SwiGLU(dim, swiglu_hidden_dim(dim, mlp_ratio))
+        self.adaLN = nn.Linear(dim, adaln_expansion * 6 * dim)
+
+    def forward(self, x: torch.Tensor, groups: Groups, num_patches: int, temb_act: torch.Tensor):
+        # x: packed [T, D]; temb_act: SiLU(temb) [B, D], shared by every group (same samples, same t)
+        b, d = temb_act.shape
+        mod = self.adaLN(temb_act).view(b, self.adaln_expansion, 6, d)[:, :, :, None, :]  # [B, E, 6, 1, D]
+        gate_msa, gate_mlp, shift_msa, scale_msa, shift_mlp, scale_mlp = mod.unbind(2)  # [B, E, 1, D]
+        e = self.adaln_expansion - 1  # register modulation index: 1 if separate, else shared with patches
+
+        def modulated(h, shift, scale):
+            return _apply_per_type(h, groups, num_patches, lambda part, ty: torch.addcmul(
+                shift[:, ty * e], part, 1 + scale[:, ty * e]))
+
+        def gated(h, gate):
+            return _apply_per_type(h, groups, num_patches, lambda part, ty: part * gate[:, ty * e])
+
+        x = x + gated(self.attn(modulated(layer_norm(x), shift_msa, scale_msa), groups), gate_msa)
+        return x + gated(self.mlp(modulated(layer_norm(x), shift_mlp, scale_mlp)), gate_mlp)
+
+
+@dataclass
+class RegisterSequences:
+    """Register tokens of every decoder pass of one sampling run, built once and reused at every step.
+
+    ``tokens[g]`` is ``[B, R_g, D]`` for group ``g`` (conditional first, then unconditional if guided), and
+    ``key_bias[g]`` is ``[B, R_g]`` (``log`` of the run length each token stands for, ``-inf`` for padding) or
+    ``None`` when every token stands for itself.
+    """
+
+    tokens: list
+    key_bias: list
+
+    @property
+    def guided(self) -> bool:
+        return len(self.tokens) == 2
+
+
+class FlexTokDecoder(nn.Module):
+    def __init__(
+        self,
+        latent_channels: int,
+        patch_size: int,
+        dim: int,
+        depth: int,
+        head_dim: int,
+        mlp_ratio: float,
+        num_registers: int,
+        grid_size: tuple[int, int],
+        latent_dim: int,
+        null_condition: str = "learned",
+        adaln_expansion: int = 2,
+        time_embed_dim: int = 256,
+        max_timestep: float = 1000.0,
+    ):
+        super().__init__()
+        self.latent_channels = latent_channels
+        self.patch_size = patch_size
+        self.num_registers = num_registers
+        self.max_timestep = max_timestep
+        self.time_embed_dim = time_embed_dim
+        # registers: FSQ values -> tokens, plus a learned 1-D position table
+        self.from_latents = nn.Linear(latent_dim, dim)
+        self.register_pos_embed = nn.Parameter(torch.zeros(num_registers, dim))
+        self.mask_token = nn.Parameter(torch.zeros(dim))  # nested dropout: registers >= keep_k
+        if null_condition == "learned":
+            self.null_cond = nn.Parameter(torch.zeros(dim))
+        elif null_condition == "zero":
+            self.register_buffer("null_cond", torch.zeros(dim), persistent=False)
+        else:
+            raise ValueError(f"null_condition must be 'learned' or 'zero', got {null_condition!r}")
+        # noised latent patches
+        self.patch_embed = nn.Linear(latent_channels * patch_size * patch_size, dim)
+        self.register_buffer("pos_embed", sincos_2d(dim, *grid_size))  # [Gh, Gw, D]
+        self.time_embed = TimestepEmbedding(time_embed_dim, dim)
+        self.blocks = nn.ModuleList(AdaLNBlock(dim, head_dim, mlp_ratio, adaln_expansion) for _ in range(depth))
+        # final layer: adaLN (shift, scale) + linear back to patches
+        self.final_adaLN = nn.Linear(dim, 2 * dim)
+        self.proj_out = nn.Linear(dim, latent_channels * patch_size * patch_size)
+
+    # -- conditioning -------------------------------------------------------------------------------
+    def embed_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B] in [0, 1] -> temb [B, D]; features [cos, sin] with max period 256 (as released)."""
+        freqs = timestep_frequencies(self.time_embed_dim, self.max_timestep).to(t.device)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.time_embed(emb.to(self.patch_embed.weight.dtype))
+
+    def embed_registers(self, values: torch.Tensor, keep_k: torch.Tensor) -> torch.Tensor:
+        """FSQ values [B,N,6] -> register tokens [B,N,D], positions >= keep_k overwritten by the mask token."""
+        n = values.shape[1]
+        x = self.from_latents(values.to(self.from_latents.weight.dtype)) + self.register_pos_embed[:n]
+        dropped = torch.arange(n, device=x.device)[None, :] >= keep_k[:, None]  # [B, N]
+        return torch.where(dropped[..., None], self.mask_token.to(x.dtype), x)
+
+    def prepare_registers(
+        self,
+        values: torch.Tensor,
+        keep_k: torch.Tensor,
+        guidance: bool = False,
+        fast: bool = True,
+        null_condition_mask: torch.Tensor | None = None,
+    ) -> RegisterSequences:
+        """Build the register sequences of the conditional (and, if ``guidance``, unconditional) pass.
+
+        values: FSQ values ``[B, N, 6]`` (positions >= keep_k are ignored); keep_k: ``[B]`` in 1..N;
+        null_condition_mask: ``[B]`` bool, samples whose conditional pass is unconditional (CFG dropout).
+        """
+        b, n, _ = values.shape
+        dim = self.mask_token.shape[0]
+        tokens = self.embed_registers(values, keep_k)
+        if null_condition_mask is not None:
+            tokens = torch.where(null_condition_mask[:, None, None], self.null_cond.to(tokens.dtype), tokens)
+        null = self.null_cond.to(tokens.dtype)
+        if not fast:
+            seqs = RegisterSequences([tokens], [None])
+            if guidance:
+                seqs.tokens.append(null.expand(b, n, dim))
+                seqs.key_bias.append(None)
+            return seqs
+        if null_condition_mask is not None and bool(null_condition_mask.any()):
+            # A null-conditioned sample is one run of n identical tokens.
+            keep_k = torch.where(null_condition_mask, 0, keep_k)
+        # conditional: the kept prefix, then one token standing for the run of n - k mask tokens
+        has_run = keep_k < n
+        length = int((keep_k + has_run.long()).max())
+        pos = torch.arange(length, device=tokens.device)[None, :]  # [1, R]
+        run_len = torch.where(pos < keep_k[:, None], 1, torch.where(pos == keep_k[:, None], n - keep_k[:, None], 0))
+        cond_tokens = tokens[:, :length]
+        fill = torch.where(null_condition_mask[:, None, None], null, self.mask_token.to(tokens.dtype)) \
+            if null_condition_mask is not None else self.mask_token.to(tokens.dtype).expand(b, 1, dim)
+        cond_tokens = torch.where(pos[..., None] >= keep_k[:, None, None], fill, cond_tokens)
+        bias = None if bool((run_len == 1).all()) else torch.log(run_len.float())
+        seqs = RegisterSequences([cond_tokens], [bias])
+        if guidance:
+            seqs.tokens.append(null.expand(b, 1, dim))
+            seqs.key_bias.append(torch.full((b, 1), math.log(n), device=tokens.device))
+        return seqs
+
+    # -- velocity -----------------------------------------------------------------------------------
+    def embed_patches(self, x_t: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(patchify(x_t, self.patch_size).to(self.patch_embed.weight.dtype))
+        gh, gw = x.shape[1:3]
+        return x + self.pos_embed[:gh, :gw].to(x.dtype)  # [B, gh, gw, D]
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, registers: RegisterSequences):
+        """Velocity of ``x_t`` ``[B,C,h,w]`` at ``t`` ``[B]`` -> ``[G*B,C,h,w]``, one ``[B,...]`` block per group
+        (conditional first, then unconditional when guided)."""
+        b, _, h, w = x_t.shape
+        patches = self.embed_patches(x_t)  # [B, gh, gw, D]
+        gh, gw = patches.shape[1:3]
+        patches = patches.flatten(1, 2)  # [B, P, D]
+        num_patches = patches.shape[1]
+        groups, seqs = [], []
+        for tokens, bias in zip(registers.tokens, registers.key_bias):
+            seq = torch.cat([patches, tokens.expand(b, -1, -1)], dim=1)  # [B, P+R, D]
+            mask = None
+            if bias is not None:
+                mask = F.pad(bias.to(seq.dtype), (num_patches, 0))[:, None, None, :]  # [B, 1, 1, P+R]
+            groups.append((b, seq.shape[1], mask))
+            seqs.append(seq.flatten(0, 1))
+        x = seqs[0] if len(seqs) == 1 else torch.cat(seqs)  # packed [T, D]
+
+        temb_act = F.silu(self.embed_timesteps(t.expand(b) if t.dim() == 0 else t))
+        for block in self.blocks:
+            x = block(x, groups, num_patches, temb_act)
+
+        shift, scale = self.final_adaLN(temb_act).chunk(2, dim=-1)  # [B, D] each
+        outs = []
+        for p, _ in _split_types(x, groups, num_patches):
+            y = torch.addcmul(shift[:, None], layer_norm(p), 1 + scale[:, None])
+            outs.append(self.proj_out(y))  # [B, P, C*p*p]
+        out = torch.cat(outs).view(len(outs) * b, gh, gw, -1)
+        return unpatchify(out, self.patch_size, self.latent_channels)

@@ -1,0 +1,92 @@
+"""FlexTokModel: the resampler tokenizer (encoder + FSQ + rectified-flow decoder) as a diffusers model."""
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from .decoder import FlexTokDecoder, RegisterSequences
+from .encoder import FlexTokEncoder
+from .fsq import FSQ
+
+
+class FlexTokModel(ModelMixin, ConfigMixin):
+    """Images' VAE latents <-> 1..N discrete tokens, ordered coarse to fine.
+
+    The VAE itself is a separate ``AutoencoderKL``; ``sample_posterior`` records whether the tokenizer was
+    trained on (and the release encodes with) posterior samples rather than the posterior mean.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        latent_channels: int = 16,
+        patch_size: int = 2,
+        grid_size: tuple = (16, 16),
+        num_registers: int = 256,
+        fsq_levels: tuple = (8, 8, 8, 5, 5, 5),
+        encoder_dim: int = 768,
+        encoder_depth: int = 12,
+        encoder_head_dim: int = 64,
+        decoder_dim: int = 768,
+        decoder_depth: int = 12,
+        decoder_head_dim: int = 64,
+        encoder_mlp_ratio: float = 4.0,
+        decoder_mlp_ratio: float = 4.0,
+        null_condition: str = "learned",
+        adaln_expansion: int = 2,
+        time_embed_dim: int = 256,
+        max_timestep: float = 1000.0,
+        sample_posterior: bool = True,
+    ):
+        super().__init__()
+        grid_size = tuple(grid_size)
+        self.fsq = FSQ(list(fsq_levels))
+        self.encoder = FlexTokEncoder(
+            latent_channels, patch_size, encoder_dim, encoder_depth, encoder_head_dim, encoder_mlp_ratio,
+            num_registers, grid_size, self.fsq.dim,
+        )
+        self.decoder = FlexTokDecoder(
+            latent_channels, patch_size, decoder_dim, decoder_depth, decoder_head_dim, decoder_mlp_ratio,
+            num_registers, grid_size, self.fsq.dim, null_condition, adaln_expansion, time_embed_dim, max_timestep,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.fsq.vocab_size
+
+    @property
+    def num_registers(self) -> int:
+        return self.config.num_registers
+
+    @property
+    def latent_multiple(self) -> int:
+        """Latent height/width must be a multiple of this (the patch size)."""
+        return self.config.patch_size
+
+    @property
+    def max_latent_size(self) -> tuple[int, int]:
+        gh, gw = self.config.grid_size
+        return gh * self.config.patch_size, gw * self.config.patch_size
+
+    # -- tokenizing -----------------------------------------------------------------------------------
+    def encode(self, latents: torch.Tensor, num_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE latents ``[B,C,h,w]`` -> (FSQ values ``[B,k,6]``, ids ``[B,k]``) for the first ``k`` tokens."""
+        return self.fsq(self.encoder(latents, num_tokens))
+
+    # -- detokenizing ---------------------------------------------------------------------------------
+    def prepare_registers(self, ids: torch.Tensor, keep_k: torch.Tensor, guidance: bool, fast: bool = True
+                          ) -> RegisterSequences:
+        """Token ids ``[B, k_max]`` (right-padded) with per-sample lengths ``keep_k [B]`` -> decoder registers."""
+        b, k = ids.shape
+        n = self.config.num_registers
+        padded = torch.zeros(b, n, dtype=torch.long, device=ids.device)
+        padded[:, :k] = ids
+        values = self.fsq.ids_to_values(padded)
+        return self.decoder.prepare_registers(values, keep_k.to(ids.device), guidance=guidance, fast=fast)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, registers: RegisterSequences) -> torch.Tensor:
+        """Velocity ``[G*B,C,h,w]`` (conditional block first, then unconditional when guided)."""
+        return self.decoder(x_t, t, registers)

@@ -1,0 +1,473 @@
+"""Reader for the official FlexTok release format (``config.json`` + ``model.safetensors``).
+
+The official config names Python classes through hydra ``_target_`` entries. They are never imported or
+instantiated here: each known target is mapped onto our modules by its role, in the config's own module
+order (the release runs its modules in mapping order, so the order carries meaning). Unknown targets,
+unsupported values, missing weights and unexpected weights are errors that name the culprit.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .model import FlexTokModel
+
+logger = logging.getLogger(__name__)
+
+LICENSE_NOTICE = (
+    "The released FlexTok weights (EPFL-VILAB/flextok_*) are licensed under the Apple Machine Learning Research "
+    "Model License: research purposes only, no commercial use; redistribution must keep the licence and attribution."
+)
+
+
+class OfficialCheckpointError(ValueError):
+    """The official checkpoint cannot be read: the message names the file, module, key or value."""
+
+
+# Roles of the encoder / decoder modules, in execution order: (role, accepted targets, required).
+_P = "flextok.model."
+ENCODER_ROLES = [
+    ("to_channels_last", {_P + "utils.dict_ops.PerSampleOp"}, True),
+    ("patch_emb", {_P + "preprocessors.patching.PatchEmbedder"}, True),
+    ("posemb", {_P + "utils.posembs.PositionalEmbeddingAdder"}, True),
+    ("registers", {_P + "preprocessors.registers.Registers1D"}, True),
+    ("packer", {_P + "preprocessors.flex_seq_packing.BlockWiseSequencePacker"}, True),
+    ("transformer", {_P + "trunks.transformers.FlexTransformer"}, True),
+    ("unpacker", {_P + "postprocessors.seq_unpacking.SequenceUnpacker"}, True),
+    ("to_latents", {_P + "postprocessors.heads.LinearHead"}, True),
+]
+NULL_COND_TARGETS = {
+    _P + "preprocessors.nullcond.LearnedNullCond": "learned",
+    _P + "preprocessors.nullcond.ZeroNullCond": "zero",
+}
+DECODER_ROLES = [
+    ("from_latents", {_P + "preprocessors.linear.LinearLayer"}, True),
+    ("register_posemb", {_P + "utils.posembs.PositionalEmbeddingAdder"}, True),
+    ("nested_dropout", {_P + "preprocessors.token_dropout.MaskedNestedDropout"}, True),
+    ("null_cond", set(NULL_COND_TARGETS), True),
+    ("to_channels_last", {_P + "utils.dict_ops.PerSampleOp"}, True),
+    ("patch_emb", {_P + "preprocessors.patching.PatchEmbedder"}, True),
+    ("posemb", {_P + "utils.posembs.PositionalEmbeddingAdder"}, True),
+    ("packer", {_P + "preprocessors.flex_seq_packing.BlockWiseSequencePacker"}, True),
+    ("time_embedder", {_P + "preprocessors.time_embedding.TimestepEmbedder"}, True),
+    ("transformer", {_P + "trunks.transformers.FlexTransformer"}, True),
+    ("unpacker", {_P + "postprocessors.seq_unpacking.SequenceUnpacker"}, True),
+    ("repa_unpacker", {_P + "postprocessors.seq_unpacking.SequenceUnpacker"}, False),  # REPA training only
+    ("to_patches", {_P + "postprocessors.heads.ToPatchesLinearHead"}, True),
+    ("to_channels_first", {_P + "utils.dict_ops.PerSampleOp"}, True),
+]
+PER_SAMPLE_OPS = {
+    "to_channels_last": _P + "utils.dict_ops.channels_first_to_last",
+    "to_channels_first": _P + "utils.dict_ops.channels_last_to_first",
+}
+TOP_LEVEL_TARGETS = {
+    "vae": {"flextok.vae_wrapper.StableDiffusionVAE"},
+    "encoder": {_P + "utils.wrappers.SequentialModuleDictWrapper"},
+    "decoder": {_P + "utils.wrappers.SequentialModuleDictWrapper"},
+    "regularizer": {"flextok.regularizers.quantize_fsq.FSQ"},
+    # training-only (noise sampling) and the sampler, whose numerics we implement ourselves
+    "flow_matching_noise_module": {"flextok.flow_matching.noise_modules.MinRFNoiseModule"},
+    "pipeline": {"flextok.flow_matching.pipelines.MinRFPipeline"},
+}
+WRAPPER_TARGET = "flextok.flextok_wrapper.FlexTok"
+# Weights of modules that only exist for training (REPA projectors); skipped with a log line.
+TRAINING_ONLY_KEY = re.compile(r"(^|\.)[^.]*repa[^.]*\.")
+
+# The VAE the official wrapper builds when ``hf_hub_path`` is null (SD-VAE-like, f8).
+BASE_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, act_fn="silu", norm_num_groups=32,
+    sample_size=256,
+)
+
+
+@dataclass
+class OfficialCheckpoint:
+    """What :func:`load_official` returns: our model, the VAE, and the settings read from the config."""
+
+    model: FlexTokModel
+    vae: object  # diffusers.AutoencoderKL
+    scaling_factor: float
+    sample_posterior: bool
+    vae_dtype: str | None
+    source: str
+    notes: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------------
+def _resolve_folder(path_or_repo: str | os.PathLike, allow_patterns=None) -> Path:
+    p = Path(path_or_repo)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise OfficialCheckpointError(f"{p} is a file; pass the folder that holds config.json and model.safetensors")
+    text = str(path_or_repo)
+    if text.count("/") != 1 or text.startswith((".", "/")):
+        raise OfficialCheckpointError(f"{text!r} is neither an existing folder nor a Hugging Face repo id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=allow_patterns))
+    except Exception as e:  # offline, unknown repo, gated repo ...
+        raise OfficialCheckpointError(f"could not download {text!r} from the Hugging Face Hub: {e}") from e
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise OfficialCheckpointError(f"missing weights file {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise OfficialCheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
+    return tensors, metadata
+
+
+def _config_from_metadata(metadata: dict, path: Path) -> dict:
+    """The release's safetensors metadata: one entry per top-level key, each the Python repr of a dict."""
+    config = {}
+    for key, text in metadata.items():
+        if key == "_target_":
+            if text != WRAPPER_TARGET:
+                raise OfficialCheckpointError(f"{path}: metadata _target_ {text!r} is not {WRAPPER_TARGET}")
+            continue
+        if key == "format":  # safetensors' own tag
+            continue
+        try:
+            config[key] = ast.literal_eval(text)  # literals only: nothing is executed
+        except (ValueError, SyntaxError) as e:
+            raise OfficialCheckpointError(f"{path}: metadata entry {key!r} is not a literal dict: {e}") from e
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# config parsing
+# ---------------------------------------------------------------------------------------------------
+def _match_roles(module_dict: dict, roles: list, where: str) -> dict:
+    """Assign each configured module (in the config's order) to the next role whose target it has."""
+    if not isinstance(module_dict, dict) or not module_dict:
+        raise OfficialCheckpointError(f"{where}.module_dict is missing or empty")
+    found, i = {}, 0
+    for name, spec in module_dict.items():
+        target = spec.get("_target_") if isinstance(spec, dict) else None
+        if target is None:
+            raise OfficialCheckpointError(f"{where}.module_dict.{name} has no _target_")
+        while i < len(roles) and target not in roles[i][1]:
+            if roles[i][2]:
+                known = {t for _, ts, _ in roles for t in ts}
+                if target not in known:
+                    raise OfficialCheckpointError(f"{where}.module_dict.{name}: unknown _target_ {target!r}")
+                raise OfficialCheckpointError(
+                    f"{where}.module_dict.{name} ({target.rsplit('.', 1)[-1]}) comes where a "
+                    f"{sorted(roles[i][1])[0].rsplit('.', 1)[-1]} module ({roles[i][0]}) is expected; the release "
+                    f"runs modules in config order, so this order is not a FlexTok model (was config.json key-sorted?)"
+                )
+            i += 1
+        if i == len(roles):
+            raise OfficialCheckpointError(f"{where}.module_dict.{name}: unexpected extra module {target!r}")
+        found[roles[i][0]] = (name, spec)
+        i += 1
+    missing = [r for r, _, req in roles[i:] if req]
+    if missing:
+        raise OfficialCheckpointError(f"{where}.module_dict lacks required modules: {missing}")
+    return found
+
+
+def _get(spec: dict, key: str, default=None, where: str = ""):
+    return spec.get(key, default)
+
+
+def _require(cond: bool, message: str):
+    if not cond:
+        raise OfficialCheckpointError(message)
+
+
+def _check_per_sample_ops(found: dict, where: str):
+    for role, expected in PER_SAMPLE_OPS.items():
+        if role in found:
+            name, spec = found[role]
+            op = (spec.get("per_sample_op") or {}).get("_target_")
+            _require(op == expected, f"{where}.module_dict.{name}.per_sample_op: expected {expected}, got {op!r}")
+
+
+def _transformer_args(spec: dict, where: str) -> dict:
+    for flag in ("qkv_bias", "proj_bias", "mlp_bias"):
+        _require(not spec.get(flag, False), f"{where}: {flag}=True is not supported (the release has no biases)")
+    return dict(dim=int(spec["dim"]), depth=int(spec["depth"]), head_dim=int(spec.get("head_dim", 64)),
+                mlp_ratio=float(spec.get("mlp_ratio", 4.0)))
+
+
+def _patch_size(spec: dict, where: str) -> int:
+    ps = list(spec.get("patch_sizes", [2, 2]))
+    _require(len(ps) == 2 and ps[0] == ps[1], f"{where}.patch_sizes must be square [p, p], got {ps}")
+    return int(ps[0])
+
+
+def parse_config(config: dict) -> tuple[dict, dict]:
+    """Official config -> (FlexTokModel config kwargs, VAE settings). Nothing named in it is executed."""
+    for key, spec in config.items():
+        if key not in TOP_LEVEL_TARGETS:
+            raise OfficialCheckpointError(f"config: unknown top-level entry {key!r}")
+        target = spec.get("_target_") if isinstance(spec, dict) else None
+        _require(target in TOP_LEVEL_TARGETS[key], f"config.{key}: unknown _target_ {target!r}")
+    for key in ("vae", "encoder", "decoder", "regularizer"):
+        _require(key in config, f"config lacks the {key!r} entry")
+
+    enc = _match_roles(config["encoder"].get("module_dict"), ENCODER_ROLES, "encoder")
+    dec = _match_roles(config["decoder"].get("module_dict"), DECODER_ROLES, "decoder")
+    _check_per_sample_ops(enc, "encoder")
+    _check_per_sample_ops(dec, "decoder")
+
+    vae = config["vae"]
+    levels = [int(x) for x in config["regularizer"].get("levels", [8, 8, 8, 5, 5, 5])]
+
+    e = {role: spec for role, (_, spec) in enc.items()}
+    d = {role: spec for role, (_, spec) in dec.items()}
+    enc_t = _transformer_args(e["transformer"], "encoder.enc_transformer")
+    dec_t = _transformer_args(d["transformer"], "decoder.dec_transformer")
+
+    for where, spec in (("encoder", e["posemb"]), ("decoder", d["posemb"])):
+        _require(spec.get("posemb_type", "sincos") == "sincos" and spec.get("posemb_scaling", "absolute") == "absolute",
+                 f"{where} patch position embedding must be sincos/absolute, got "
+                 f"{spec.get('posemb_type')}/{spec.get('posemb_scaling')}")
+    grid = [int(x) for x in e["posemb"]["max_sizes"]]
+    dec_grid = [int(x) for x in d["posemb"]["max_sizes"]]
+    _require(grid == dec_grid, f"encoder ({grid}) and decoder ({dec_grid}) position tables differ in size: unsupported")
+
+    regs = e["registers"]
+    n_max = int(regs["n_max"])
+    _require(regs.get("ordering_mode", "nested") == "nested", f"encoder registers ordering_mode must be 'nested'")
+    _require(e["packer"].get("mask_mode") == "causal_last",
+             f"encoder packer mask_mode must be 'causal_last', got {e['packer'].get('mask_mode')!r}")
+    _require(d["packer"].get("mask_mode") == "full",
+             f"decoder packer mask_mode must be 'full', got {d['packer'].get('mask_mode')!r}")
+    _require(int(e["to_latents"].get("dim_out", len(levels))) == len(levels),
+             f"encoder head dim_out {e['to_latents'].get('dim_out')} != number of FSQ levels {len(levels)}")
+    for role in ("to_latents",):
+        _require(not e[role].get("use_mup_readout", False), "use_mup_readout=True is not supported")
+    _require(not d["to_patches"].get("use_mup_readout", False), "use_mup_readout=True is not supported")
+    rp = d["register_posemb"]
+    _require(rp.get("posemb_type") == "learnable_sum",
+             f"decoder register position embedding must be 'learnable_sum', got {rp.get('posemb_type')!r}")
+    _require([int(x) for x in rp["max_sizes"]] == [n_max],
+             f"decoder register table size {rp['max_sizes']} != number of registers {n_max}")
+
+    latent_channels = int(e["patch_emb"]["channels_in"])
+    _require(int(d["patch_emb"]["channels_in"]) == latent_channels == int(d["to_patches"]["channels_out"]),
+             "latent channels differ between encoder, decoder and head")
+    _require(int(vae.get("latent_channels", latent_channels)) == latent_channels,
+             f"vae.latent_channels {vae.get('latent_channels')} != encoder channels_in {latent_channels}")
+    patch = _patch_size(e["patch_emb"], "encoder.patch_emb")
+    _require(_patch_size(d["patch_emb"], "decoder.patch_emb") == patch == _patch_size(d["to_patches"], "decoder.to_patches"),
+             "encoder and decoder patch sizes differ: unsupported")
+    expansion = int(d["transformer"].get("adaLN_expansion", 1))
+    _require(expansion in (1, 2), f"adaLN_expansion {expansion} unsupported (1 or 2)")
+    temb = d["time_embedder"]
+
+    model_config = dict(
+        latent_channels=latent_channels, patch_size=patch, grid_size=tuple(grid), num_registers=n_max,
+        fsq_levels=tuple(levels),
+        encoder_dim=enc_t["dim"], encoder_depth=enc_t["depth"], encoder_head_dim=enc_t["head_dim"],
+        encoder_mlp_ratio=enc_t["mlp_ratio"],
+        decoder_dim=dec_t["dim"], decoder_depth=dec_t["depth"], decoder_head_dim=dec_t["head_dim"],
+        decoder_mlp_ratio=dec_t["mlp_ratio"],
+        null_condition=NULL_COND_TARGETS[d["null_cond"]["_target_"]], adaln_expansion=expansion,
+        time_embed_dim=int(temb.get("frequency_embedding_size", 256)),
+        max_timestep=float(temb.get("max_timestep", 1000.0)),
+        sample_posterior=bool(vae.get("sample_posterior", True)),
+    )
+    vae_settings = dict(
+        hf_hub_path=vae.get("hf_hub_path"), scaling_factor=vae.get("scaling_factor"),
+        latent_channels=latent_channels, dtype_override=vae.get("dtype_override"),
+    )
+    names = dict(encoder={r: n for r, (n, _) in enc.items()}, decoder={r: n for r, (n, _) in dec.items()})
+    return model_config, dict(vae_settings, module_names=names)
+
+
+# ---------------------------------------------------------------------------------------------------
+# state-dict mapping
+# ---------------------------------------------------------------------------------------------------
+def map_state_dict(tensors: dict, names: dict, model_config: dict) -> tuple[dict, set]:
+    """Official FlexTok keys -> FlexTokModel keys. Returns (our state dict, official keys consumed)."""
+    out, used = {}, set()
+
+    def take(key):
+        if key not in tensors:
+            raise OfficialCheckpointError(f"model.safetensors lacks the weight {key!r}")
+        used.add(key)
+        return tensors[key]
+
+    def block_weights(src: str, dst: str, depth: int, adaln: bool):
+        for i in range(depth):
+            s, t = f"{src}.blocks.{i}", f"{dst}.blocks.{i}"
+            out[f"{t}.attn.qkv.weight"] = torch.cat([take(f"{s}.attn.w{c}.weight") for c in "qkv"])
+            out[f"{t}.attn.proj.weight"] = take(f"{s}.attn.proj.weight")
+            out[f"{t}.mlp.gate_up.weight"] = torch.cat([take(f"{s}.mlp.fc1.weight"), take(f"{s}.mlp.fc3.weight")])
+            out[f"{t}.mlp.down.weight"] = take(f"{s}.mlp.fc2.weight")
+            if adaln:
+                out[f"{t}.adaLN.weight"] = take(f"{s}.adaLN_modulation.1.weight")
+                out[f"{t}.adaLN.bias"] = take(f"{s}.adaLN_modulation.1.bias")
+        extra = [k for k in tensors if k.startswith(f"{src}.blocks.{depth}.")]
+        if extra:
+            raise OfficialCheckpointError(f"model.safetensors has more blocks than the config's depth {depth}: {extra[0]!r}")
+
+    def linear(src: str, dst: str, bias: bool = True):
+        out[f"{dst}.weight"] = take(f"{src}.weight")
+        if bias:
+            out[f"{dst}.bias"] = take(f"{src}.bias")
+
+    en = {r: f"encoder.module_dict.{n}" for r, n in names["encoder"].items()}
+    de = {r: f"decoder.module_dict.{n}" for r, n in names["decoder"].items()}
+
+    linear(f"{en['patch_emb']}.patch_proj", "encoder.patch_embed")
+    out["encoder.pos_embed"] = take(f"{en['posemb']}.posembs")[0].permute(1, 2, 0)  # [1,D,Gh,Gw] -> [Gh,Gw,D]
+    out["encoder.registers"] = take(f"{en['registers']}.registers")
+    block_weights(f"{en['transformer']}", "encoder", model_config["encoder_depth"], adaln=False)
+    linear(f"{en['to_latents']}.proj", "encoder.to_latents")
+
+    linear(f"{de['from_latents']}.proj", "decoder.from_latents")
+    out["decoder.register_pos_embed"] = take(f"{de['register_posemb']}.posembs")[0, 0].t()  # [1,1,D,N] -> [N,D]
+    out["decoder.mask_token"] = take(f"{de['nested_dropout']}.dropout_mask_token")
+    if model_config["null_condition"] == "learned":
+        out["decoder.null_cond"] = take(f"{de['null_cond']}.nullcond")
+    linear(f"{de['patch_emb']}.patch_proj", "decoder.patch_embed")
+    out["decoder.pos_embed"] = take(f"{de['posemb']}.posembs")[0].permute(1, 2, 0)
+    linear(f"{de['time_embedder']}.mlp.0", "decoder.time_embed.linear_1")
+    linear(f"{de['time_embedder']}.mlp.2", "decoder.time_embed.linear_2")
+    block_weights(f"{de['transformer']}", "decoder", model_config["decoder_depth"], adaln=True)
+    linear(f"{de['to_patches']}.adaLN_modulation.1", "decoder.final_adaLN")
+    linear(f"{de['to_patches']}.proj", "decoder.proj_out")
+    return {k: v.contiguous() for k, v in out.items()}, used
+
+
+def _load_into(module: torch.nn.Module, state: dict, what: str):
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise OfficialCheckpointError(f"{what}: missing weights {missing[:5]}, unexpected weights {unexpected[:5]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise OfficialCheckpointError(
+                f"{what}: weight {k!r} has shape {tuple(v.shape)}, the config implies {tuple(expected[k].shape)}")
+    module.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# VAE
+# ---------------------------------------------------------------------------------------------------
+def _load_vae(settings: dict, folder: Path, vae_tensors: dict, vae_override=None):
+    from diffusers import AutoencoderKL
+
+    if isinstance(vae_override, AutoencoderKL):
+        return vae_override, "given AutoencoderKL"
+    hub_path = vae_override if vae_override is not None else settings["hf_hub_path"]
+    vae_folder = None
+    if hub_path is not None:
+        for candidate in (Path(hub_path), folder / str(hub_path)):
+            if candidate.is_dir():
+                vae_folder = candidate
+                break
+        else:
+            if vae_tensors and str(hub_path).count("/") == 1:
+                # weights are in model.safetensors; only the small config is needed from the hub
+                vae_folder = _resolve_folder(hub_path, allow_patterns=["config.json"])
+            elif not vae_tensors:
+                vae_folder = _resolve_folder(hub_path)
+            else:
+                raise OfficialCheckpointError(f"VAE folder {hub_path!r} not found next to {folder} or as a hub repo")
+    if vae_tensors:
+        if vae_folder is not None:
+            cfg_path = vae_folder / "config.json"
+            if not cfg_path.is_file():
+                raise OfficialCheckpointError(f"VAE config {cfg_path} is missing")
+            cfg = json.loads(cfg_path.read_text())
+        else:
+            cfg = dict(BASE_VAE_CONFIG, latent_channels=settings["latent_channels"])
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+        vae = AutoencoderKL.from_config(cfg)
+        _load_into(vae, vae_tensors, "VAE weights in model.safetensors (vae.vae.*)")
+        return vae, f"model.safetensors (config from {vae_folder or 'the built-in base config'})"
+    if vae_folder is None:
+        raise OfficialCheckpointError(
+            "model.safetensors has no VAE weights (vae.vae.*) and the config's vae.hf_hub_path is null: "
+            "pass vae=<AutoencoderKL folder or repo id>")
+    try:
+        vae = AutoencoderKL.from_pretrained(str(vae_folder), use_safetensors=True)
+    except Exception as e:
+        raise OfficialCheckpointError(f"could not load the AutoencoderKL from {vae_folder}: {e}") from e
+    return vae, str(vae_folder)
+
+
+# ---------------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------------
+def load_official(path_or_repo, vae=None, sample_posterior: bool | None = None) -> OfficialCheckpoint:
+    """Read an official FlexTok checkpoint (folder or hub id) into our model + AutoencoderKL.
+
+    vae: optional AutoencoderKL, or a folder / repo id to take it from instead of ``vae.hf_hub_path``.
+    sample_posterior: override the config's ``vae.sample_posterior``.
+    """
+    folder = _resolve_folder(path_or_repo, allow_patterns=["config.json", "model.safetensors"])
+    tensors, metadata = _read_safetensors(folder / "model.safetensors")
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())  # dicts keep the file's order
+        except json.JSONDecodeError as e:
+            raise OfficialCheckpointError(f"{config_path} is not valid JSON: {e}") from e
+        source = str(config_path)
+    elif metadata:
+        config = _config_from_metadata(metadata, folder / "model.safetensors")
+        source = f"{folder / 'model.safetensors'} metadata"
+    else:
+        raise OfficialCheckpointError(f"{folder} has no config.json and model.safetensors carries no config metadata")
+
+    model_config, vae_settings = parse_config(config)
+    if sample_posterior is not None:
+        model_config["sample_posterior"] = bool(sample_posterior)
+
+    notes = []
+    vae_tensors = {k[len("vae.vae."):]: v for k, v in tensors.items() if k.startswith("vae.vae.")}
+    rest = {k: v for k, v in tensors.items() if not k.startswith("vae.vae.")}
+    state, used = map_state_dict(rest, vae_settings["module_names"], model_config)
+    leftover = sorted(set(rest) - used)
+    skipped = [k for k in leftover if TRAINING_ONLY_KEY.search(k)]
+    unexpected = [k for k in leftover if k not in skipped]
+    if unexpected:
+        raise OfficialCheckpointError(
+            f"model.safetensors has {len(unexpected)} weights the config does not explain, e.g. {unexpected[:3]}")
+    if skipped:
+        notes.append(f"skipped {len(skipped)} training-only REPA weights")
+    non_vae = [k for k in tensors if k.startswith("vae.") and not k.startswith("vae.vae.")]
+    if non_vae:
+        raise OfficialCheckpointError(f"model.safetensors has unexpected VAE-wrapper weights, e.g. {non_vae[:3]}")
+
+    model = FlexTokModel(**model_config)
+    _load_into(model, state, "FlexTok weights")
+    model.eval()
+
+    vae_model, vae_source = _load_vae(vae_settings, folder, vae_tensors, vae)
+    notes.append(f"VAE from {vae_source}")
+    scaling = vae_settings["scaling_factor"]
+    if scaling is None:
+        scaling = vae_model.config.scaling_factor
+    vae_model.register_to_config(scaling_factor=float(scaling))
+    if getattr(vae_model.config, "shift_factor", None):
+        notes.append("the VAE config's shift_factor is ignored, as in the release")
+    vae_model.eval()
+    return OfficialCheckpoint(model, vae_model, float(scaling), model_config["sample_posterior"],
+                              vae_settings["dtype_override"], source, notes)

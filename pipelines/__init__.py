@@ -1,0 +1,3 @@
+from .pipeline_flextok import FlexTokPipeline
+
+__all__ = ["FlexTokPipeline"]
