@@ -50,8 +50,8 @@ class FlexTokEncoder(nn.Module):
         gh, gw = x.shape[1:3]
         return x + self.pos_embed[:gh, :gw].to(x.dtype)
 
-    def forward(self, latents: torch.Tensor, num_registers: int | None = None) -> torch.Tensor:
-        """Latents ``[B,C,h,w]`` -> register latents ``[B,n,latent_dim]`` for the first ``n`` registers."""
+    def encode_registers(self, latents: torch.Tensor, num_registers: int | None = None) -> torch.Tensor:
+        """Latents ``[B,C,h,w]`` -> transformer outputs at the first ``n`` register positions ``[B,n,D]``."""
         n = self.registers.shape[0] if num_registers is None else num_registers
         patches = self.embed_patches(latents).flatten(1, 2)  # [B, P, D]
         b, p, d = patches.shape
@@ -60,5 +60,8 @@ class FlexTokEncoder(nn.Module):
         groups = [(b, p + n, causal_last_mask(p, n, device=x.device))]
         for block in self.blocks:
             x = block(x, groups)
-        registers_out = x.view(b, p + n, d)[:, p:]  # [B, n, D]
-        return self.to_latents(layer_norm(registers_out))
+        return x.view(b, p + n, d)[:, p:]
+
+    def forward(self, latents: torch.Tensor, num_registers: int | None = None) -> torch.Tensor:
+        """Latents ``[B,C,h,w]`` -> register latents ``[B,n,latent_dim]`` (before FSQ)."""
+        return self.to_latents(layer_norm(self.encode_registers(latents, num_registers)))

@@ -1,0 +1,41 @@
+"""Labelled image grids (the coarse-to-fine strip)."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import PIL.Image
+import PIL.ImageDraw
+
+
+def labelled_grid(rows: list[list[PIL.Image.Image]], column_labels: list[str], pad: int = 4,
+                  label_height: int = 14) -> PIL.Image.Image:
+    """rows[r][c] images of one size -> one image with a label above each column."""
+    if not rows or not rows[0]:
+        raise ValueError("labelled_grid needs at least one image")
+    w, h = rows[0][0].size
+    cols = len(rows[0])
+    grid = PIL.Image.new("RGB", (cols * (w + pad) + pad, len(rows) * (h + pad) + pad + label_height), "white")
+    draw = PIL.ImageDraw.Draw(grid)
+    for c, label in enumerate(column_labels):
+        draw.text((pad + c * (w + pad), 1), label, fill="black")
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            grid.paste(im.convert("RGB"), (pad + c * (w + pad), label_height + pad + r * (h + pad)))
+    return grid
+
+
+def save_image_atomic(image: PIL.Image.Image, path: str | os.PathLike) -> None:
+    """Write to a temporary file beside ``path`` and rename, so no half-written image is ever left behind."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = os.path.splitext(path)[1] or ".png"
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=PIL.Image.registered_extensions().get(suffix.lower(), "PNG"))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

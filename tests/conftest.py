@@ -1,0 +1,17 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# shared/ sits beside the checkout (../shared); FLEXTOK_SHARED overrides it.
+SHARED = Path(os.environ.get("FLEXTOK_SHARED", ROOT.parent / "shared"))
+GOLDEN = SHARED / "golden" / "flextok_tiny"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_configure(config):
+    if not (GOLDEN / "vectors.safetensors").is_file():
+        raise pytest.UsageError(f"golden vectors not found at {GOLDEN}; set FLEXTOK_SHARED to the shared/ folder")
