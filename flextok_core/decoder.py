@@ -192,9 +192,13 @@ class FlexTokDecoder(nn.Module):
         gh, gw = x.shape[1:3]
         return x + self.pos_embed[:gh, :gw].to(x.dtype)  # [B, gh, gw, D]
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, registers: RegisterSequences):
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, registers: RegisterSequences,
+                hidden_layer: int | None = None):
         """Velocity of ``x_t`` ``[B,C,h,w]`` at ``t`` ``[B]`` -> ``[G*B,C,h,w]``, one ``[B,...]`` block per group
-        (conditional first, then unconditional when guided)."""
+        (conditional first, then unconditional when guided).
+
+        With ``hidden_layer=i`` also returns the patch tokens after block ``i`` ``[G*B, P, D]`` (REPA target layer).
+        """
         b, _, h, w = x_t.shape
         patches = self.embed_patches(x_t)  # [B, gh, gw, D]
         gh, gw = patches.shape[1:3]
@@ -211,8 +215,11 @@ class FlexTokDecoder(nn.Module):
         x = seqs[0] if len(seqs) == 1 else torch.cat(seqs)  # packed [T, D]
 
         temb_act = F.silu(self.embed_timesteps(t.expand(b) if t.dim() == 0 else t))
-        for block in self.blocks:
+        hidden = None
+        for i, block in enumerate(self.blocks):
             x = block(x, groups, num_patches, temb_act)
+            if i == hidden_layer:
+                hidden = torch.cat([p for p, _ in _split_types(x, groups, num_patches)])
 
         shift, scale = self.final_adaLN(temb_act).chunk(2, dim=-1)  # [B, D] each
         outs = []
@@ -220,4 +227,5 @@ class FlexTokDecoder(nn.Module):
             y = torch.addcmul(shift[:, None], layer_norm(p), 1 + scale[:, None])
             outs.append(self.proj_out(y))  # [B, P, C*p*p]
         out = torch.cat(outs).view(len(outs) * b, gh, gw, -1)
-        return unpatchify(out, self.patch_size, self.latent_channels)
+        velocity = unpatchify(out, self.patch_size, self.latent_channels)
+        return velocity if hidden_layer is None else (velocity, hidden)

@@ -87,6 +87,8 @@ class FlexTokModel(ModelMixin, ConfigMixin):
         values = self.fsq.ids_to_values(padded)
         return self.decoder.prepare_registers(values, keep_k.to(ids.device), guidance=guidance, fast=fast)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, registers: RegisterSequences) -> torch.Tensor:
-        """Velocity ``[G*B,C,h,w]`` (conditional block first, then unconditional when guided)."""
-        return self.decoder(x_t, t, registers)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, registers: RegisterSequences,
+                hidden_layer: int | None = None):
+        """Velocity ``[G*B,C,h,w]`` (conditional block first, then unconditional when guided); with
+        ``hidden_layer`` also the decoder's patch tokens after that block (for REPA)."""
+        return self.decoder(x_t, t, registers, hidden_layer=hidden_layer)
