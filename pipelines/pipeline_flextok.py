@@ -1,7 +1,13 @@
 """FlexTokPipeline: images <-> 1..256 coarse-to-fine tokens, as a diffusers ``DiffusionPipeline``."""
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -12,14 +18,35 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..flextok_core import (LICENSE_NOTICE, FlexTokModel, apg_velocity, cfg_velocity, flow_timesteps, load_official,
-                            vae_decode, vae_encode)
+from ..flextok_core import (LICENSE_NOTICE, FlexTokModel, RegisterSequences, apg_velocity, cfg_velocity,
+                            load_official, vae_decode, vae_encode)
 from ..flextok_core.sampling import MomentumBuffer
+from .scheduling_flextok import FlexTokFlowScheduler, flextok_sigmas
 
 logger = logging.getLogger(__name__)
 _license_shown = False
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# model_index.json names our classes under the installed package name, whatever name this package was imported
+# under (pip installs it as flextok_kit; ComfyUI imports the folder by path under another name).
+PACKAGE = "flextok_kit"
+_ROOT = __name__.rsplit(".", 2)[0]
+HUB_SHIM = (
+    "# Lets diffusers load this folder without knowing FlexTok:\n"
+    "#   DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)\n"
+    "# (needs `pip install flextok-kit`).\n"
+    "from flextok_kit.pipelines import FlexTokPipeline  # noqa: F401\n"
+)
+
+
+def _ensure_importable_as_package():
+    """Make ``flextok_kit.*`` resolve to this (already imported) package when it was imported under another name
+    (ComfyUI), so model_index.json entries load without a second copy of our modules."""
+    if _ROOT == PACKAGE:
+        return
+    for name, module in list(sys.modules.items()):
+        if name == _ROOT or name.startswith(_ROOT + "."):
+            sys.modules.setdefault(PACKAGE + name[len(_ROOT):], module)
 
 
 def _show_license_once():
@@ -33,22 +60,34 @@ class FlexTokPipeline(DiffusionPipeline):
     """Tokenize images into 1-D coarse-to-fine token sequences and decode any prefix back into an image.
 
     Components: ``vae`` (AutoencoderKL), ``flextok`` (:class:`FlexTokModel`), ``scheduler``
-    (FlowMatchEulerDiscreteScheduler with sigmas t = 1, (T-1)/T, ..., 1/T).
+    (:class:`FlexTokFlowScheduler`, a FlowMatchEulerDiscreteScheduler on t = 1, (T-1)/T, ..., 1/T with the
+    release's exact Euler step; any flow-matching diffusers scheduler that accepts ``sigmas`` works), and the optional ``ar_model``,
+    ``text_encoder`` and ``tokenizer`` for generation.
     """
 
-    model_cpu_offload_seq = "vae->flextok->vae"
+    model_cpu_offload_seq = "text_encoder->ar_model->flextok->vae"
+    _optional_components = ["ar_model", "text_encoder", "tokenizer"]
     _callback_tensor_inputs = ["latents", "velocity", "velocity_cond", "velocity_uncond"]
 
-    def __init__(self, vae: AutoencoderKL, flextok: FlexTokModel, scheduler: FlowMatchEulerDiscreteScheduler):
+    def __init__(self, vae: AutoencoderKL, flextok: FlexTokModel, scheduler: FlowMatchEulerDiscreteScheduler,
+                 ar_model=None, text_encoder=None, tokenizer=None):
         super().__init__()
-        self.register_modules(vae=vae, flextok=flextok, scheduler=scheduler)
+        self.register_modules(vae=vae, flextok=flextok, scheduler=scheduler, ar_model=ar_model,
+                              text_encoder=text_encoder, tokenizer=tokenizer)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_resize=False)
 
+    def register_modules(self, **kwargs):
+        super().register_modules(**kwargs)
+        for name, module in kwargs.items():
+            library = type(module).__module__
+            if module is not None and library.startswith(_ROOT + "."):
+                self.register_to_config(**{name: (PACKAGE + library[len(_ROOT):], type(module).__name__)})
+
     # -- construction -------------------------------------------------------------------------------
     @staticmethod
-    def default_scheduler() -> FlowMatchEulerDiscreteScheduler:
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    def default_scheduler() -> FlexTokFlowScheduler:
+        return FlexTokFlowScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 
     @classmethod
     def from_official(cls, path_or_repo, vae=None, sample_posterior: bool | None = None,
@@ -60,6 +99,48 @@ class FlexTokPipeline(DiffusionPipeline):
             logger.info("from_official(%s): %s", path_or_repo, note)
         pipe = cls(vae=ckpt.vae, flextok=ckpt.model, scheduler=cls.default_scheduler())
         return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "FlexTokPipeline":
+        _ensure_importable_as_package()
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """diffusers ``save_pretrained`` (safetensors), written to a temporary folder and then renamed into place,
+        plus a ``pipeline.py`` shim so ``DiffusionPipeline.from_pretrained(custom_pipeline=...)`` finds us."""
+        target = Path(save_directory)
+        if kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, **kwargs)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            kwargs["safe_serialization"] = True  # safetensors only, never pickle
+            super().save_pretrained(tmp, **kwargs)
+            (tmp / "pipeline.py").write_text(HUB_SHIM)
+            old = None
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+            os.replace(tmp, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def enable_vae_slicing(self):
+        """Decode the VAE one image at a time (lower peak memory)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self):
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self):
+        """Decode/encode the VAE in overlapping tiles (large images with bounded memory)."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self):
+        self.vae.disable_tiling()
 
     # -- sizes --------------------------------------------------------------------------------------
     @property
@@ -184,6 +265,11 @@ class FlexTokPipeline(DiffusionPipeline):
         gens = generator if isinstance(generator, list) else [generator] * batch_size
         return torch.cat([randn_tensor((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in gens])
 
+    def _guidance_scales(self, guidance_scale: float, guidance_schedule: Callable | None, sigmas) -> list[float]:
+        if guidance_schedule is None:
+            return [float(guidance_scale)] * len(sigmas)
+        return [float(guidance_schedule(float(t))) for t in sigmas]
+
     @torch.no_grad()
     def detokenize(
         self,
@@ -194,28 +280,45 @@ class FlexTokPipeline(DiffusionPipeline):
         apg_momentum: float = -0.5,
         apg_norm_threshold: float = 2.5,
         apg_eta: float = 0.0,
+        guidance_schedule: Callable[[float], float] | None = None,
         height: int | None = None,
         width: int | None = None,
+        num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         fast_decoding: bool = True,
+        decode_batch_size: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
         """Decode token ids (any prefix length 1..N; ragged lists allowed) into images.
 
-        ``latents`` is the initial noise x_1 ``[B,C,h,w]``. ``output_type="latent"`` returns the final
-        tokenizer-space latents (the VAE decoder's input). Guidance runs only when ``guidance_scale != 1``:
-        plain CFG ``v_u + s (v_c - v_u)``, or APG (``use_apg``) ``v_c + (s-1) * projected difference``.
-        ``fast_decoding`` collapses the runs of identical mask / null registers (exact; see decoder.py).
+        tokens: LongTensor ``[B,k]``, or a list of 1-D (or ``[1,k]``) id tensors / lists of different lengths.
+        guidance: none when the scale is 1 (the unconditional pass is skipped); plain CFG ``v_u + s (v_c - v_u)``
+            or APG (``use_apg``; ``v_c + (s-1) * projected difference`` with ``apg_momentum``,
+            ``apg_norm_threshold``, ``apg_eta``). ``guidance_schedule(t) -> scale`` overrides the constant scale
+            per step (t runs from 1 to 1/T).
+        num_images_per_prompt: images per token sequence (different noise); outputs are sequence-major.
+        latents: the initial noise x_1 ``[B*num_images_per_prompt, C, h, w]``; ``output_type="latent"`` returns
+            the final tokenizer-space latents (the VAE decoder's input).
+        decode_batch_size: run the decoder (and the VAE) on at most this many images at once (bounded memory;
+            results do not depend on it).
+        fast_decoding: collapse runs of identical mask / null registers (exact; see flextok_core/decoder.py).
+        callback_on_step_end(pipe, step, timestep, tensors): called after every step with the tensors named in
+            ``callback_on_step_end_tensor_inputs`` (``latents`` after the step, ``velocity`` (guided),
+            ``velocity_cond``, ``velocity_uncond``); a returned ``{"latents": ...}`` replaces the latents.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         bad = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(f"callback tensor inputs {bad} not in {self._callback_tensor_inputs}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        if decode_batch_size is not None and decode_batch_size < 1:
+            raise ValueError(f"decode_batch_size must be >= 1, got {decode_batch_size}")
         if latents is not None and latents.dim() == 4:  # the noise fixes the size
             height = height or latents.shape[2] * self.vae_scale_factor
             width = width or latents.shape[3] * self.vae_scale_factor
@@ -224,24 +327,42 @@ class FlexTokPipeline(DiffusionPipeline):
         self._check_image_size(height, width)
         device = self._execution_device
         ids, keep_k = self._tokens_to_batch(tokens)
+        ids = ids.repeat_interleave(num_images_per_prompt, dim=0)
+        keep_k = keep_k.repeat_interleave(num_images_per_prompt, dim=0)
         b = ids.shape[0]
-
-        guided = guidance_scale != 1.0
-        registers = self.flextok.prepare_registers(ids, keep_k, guidance=guided, fast=fast_decoding)
         x = self.prepare_latents(b, height, width, torch.float32, device, generator, latents)
-        self.scheduler.set_timesteps(sigmas=flow_timesteps(num_inference_steps), device=device)
-        momentum = MomentumBuffer(apg_momentum) if use_apg else None
+
+        self.scheduler.set_timesteps(sigmas=flextok_sigmas(num_inference_steps), device=device)
+        scales = self._guidance_scales(guidance_scale, guidance_schedule, self.scheduler.sigmas[:-1].tolist())
+        guided = any(s != 1.0 for s in scales)
+        chunk = decode_batch_size or b
+        chunks = [slice(i, min(i + chunk, b)) for i in range(0, b, chunk)]
+        # Register sequences do not change over the steps: build them once per chunk.
+        registers = [self.flextok.prepare_registers(ids[c], keep_k[c], guidance=guided, fast=fast_decoding)
+                     for c in chunks]
+        momentum = [MomentumBuffer(apg_momentum) for _ in chunks]
         model_dtype = self.flextok.dtype
 
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, step_t in enumerate(self.scheduler.timesteps):
-                t = self.scheduler.sigmas[i].to(device).expand(b)
-                velocity = self.flextok(x.to(model_dtype), t, registers).float()
-                v_cond = v_uncond = None
+                scale = scales[i]
+                t = self.scheduler.sigmas[i].to(device)
+                velocity, v_cond, v_uncond = torch.empty_like(x), torch.empty_like(x), None
                 if guided:
-                    v_cond, v_uncond = velocity.chunk(2)
-                    velocity = (apg_velocity(v_cond, v_uncond, guidance_scale, momentum, apg_norm_threshold, apg_eta)
-                                if use_apg else cfg_velocity(v_cond, v_uncond, guidance_scale))
+                    v_uncond = torch.empty_like(x)
+                for j, c in enumerate(chunks):
+                    regs = registers[j]
+                    if scale == 1.0 and regs.guided:  # this step needs no unconditional pass
+                        regs = RegisterSequences(regs.tokens[:1], regs.key_bias[:1])
+                    v = self.flextok(x[c].to(model_dtype), t.expand(x[c].shape[0]), regs).float()
+                    if not regs.guided:
+                        v_cond[c] = velocity[c] = v
+                        if v_uncond is not None:
+                            v_uncond[c] = float("nan")  # not computed at this step
+                        continue
+                    v_cond[c], v_uncond[c] = v.chunk(2)
+                    velocity[c] = (apg_velocity(v_cond[c], v_uncond[c], scale, momentum[j], apg_norm_threshold,
+                                                apg_eta) if use_apg else cfg_velocity(v_cond[c], v_uncond[c], scale))
                 x = self.scheduler.step(velocity, step_t, x, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     local = dict(latents=x, velocity=velocity, velocity_cond=v_cond, velocity_uncond=v_uncond)
@@ -252,8 +373,8 @@ class FlexTokPipeline(DiffusionPipeline):
         if output_type == "latent":
             image = x
         else:
-            image = vae_decode(self.vae, x)
-            image = self.image_processor.postprocess(image.float(), output_type=output_type)
+            image = torch.cat([vae_decode(self.vae, x[c]).float() for c in chunks])
+            image = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
@@ -261,12 +382,33 @@ class FlexTokPipeline(DiffusionPipeline):
 
     # -- reconstruct --------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, image=None, num_tokens: int | None = None, generator=None, **detokenize_kwargs):
-        """Reconstruct ``image`` through its first ``num_tokens`` tokens (default: all)."""
+    def __call__(self, image=None, num_tokens: int | list[int] | None = None, generator=None,
+                 sample_posterior: bool | None = None, num_images_per_prompt: int = 1, **detokenize_kwargs):
+        """Reconstruct ``image`` through its first ``num_tokens`` tokens (default: all N).
+
+        With a list ``num_tokens=[k1, k2, ...]`` each image is tokenized once and decoded at every k in one
+        batched run; the outputs are image-major (image 0 at k1, k2, ..., then image 1 ...), and each image's
+        series shares one initial noise, so the differences come from the tokens alone.
+        """
         if image is None:
             raise ValueError("pass image=... to reconstruct (generation from classes or prompts needs an AR model)")
         images = self._images_to_tensor(image)
-        ids = self.tokenize(images, num_tokens=num_tokens)
-        detokenize_kwargs.setdefault("height", images.shape[2])
-        detokenize_kwargs.setdefault("width", images.shape[3])
-        return self.detokenize(ids, generator=generator, **detokenize_kwargs)
+        ks = num_tokens if isinstance(num_tokens, (list, tuple)) else [num_tokens or self.num_registers]
+        if not ks:
+            raise ValueError("num_tokens is an empty list")
+        for k in ks:
+            if not isinstance(k, int) or not 1 <= k <= self.num_registers:
+                raise ValueError(f"num_tokens must be integers in 1..{self.num_registers}, got {k!r}")
+        ids = self.tokenize(images, num_tokens=max(ks), generator=generator, sample_posterior=sample_posterior)
+        b, n_k = ids.shape[0], len(ks)
+        sequences = [ids[i, :k] for i in range(b) for k in ks]  # image-major
+        height, width = images.shape[2:]
+        detokenize_kwargs.setdefault("height", height)
+        detokenize_kwargs.setdefault("width", width)
+        if detokenize_kwargs.get("latents") is None and n_k > 1:
+            noise = self.prepare_latents(b * num_images_per_prompt, height, width, torch.float32,
+                                         self._execution_device, generator)
+            noise = noise.view(b, num_images_per_prompt, *noise.shape[1:])
+            detokenize_kwargs["latents"] = noise[:, None].expand(b, n_k, *noise.shape[1:]).flatten(0, 2)
+        return self.detokenize(sequences, generator=generator, num_images_per_prompt=num_images_per_prompt,
+                               **detokenize_kwargs)
