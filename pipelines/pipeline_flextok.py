@@ -1,6 +1,7 @@
 """FlexTokPipeline: images <-> 1..256 coarse-to-fine tokens, as a diffusers ``DiffusionPipeline``."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -101,6 +102,27 @@ class FlexTokPipeline(DiffusionPipeline):
         return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe
 
     @classmethod
+    def load(cls, path_or_repo, **kwargs) -> "FlexTokPipeline":
+        """Load either format: our diffusers folder (``model_index.json``) or the official release
+        (``config.json`` + ``model.safetensors``); a hub id is tried as ours first, then as official."""
+        folder = Path(path_or_repo)
+        if (folder / "model_index.json").is_file():
+            return cls.from_pretrained(folder, **kwargs)
+        if (folder / "model.safetensors").is_file():
+            return cls.from_official(folder, **kwargs)
+        if folder.exists():
+            raise ValueError(f"{folder} holds neither model_index.json (diffusers format) nor model.safetensors "
+                             f"(official FlexTok format)")
+        try:
+            return cls.from_pretrained(str(path_or_repo), **kwargs)
+        except Exception as ours:  # not a diffusers-format repo (or offline): try the release format
+            try:
+                return cls.from_official(str(path_or_repo), **kwargs)
+            except Exception as official:
+                raise ValueError(f"could not load {path_or_repo!r} as a diffusers-format FlexTok pipeline ({ours}) "
+                                 f"nor as an official FlexTok checkpoint ({official})") from official
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "FlexTokPipeline":
         _ensure_importable_as_package()
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -141,6 +163,17 @@ class FlexTokPipeline(DiffusionPipeline):
 
     def disable_vae_tiling(self):
         self.vae.disable_tiling()
+
+    @property
+    def fingerprint(self) -> str:
+        """Short identity of this tokenizer (config + learned register/mask/head weights). Token files and
+        ComfyUI tokens carry it, so decoding can refuse tokens made by another model."""
+        h = hashlib.sha256(json.dumps({k: v for k, v in self.flextok.config.items() if not k.startswith("_")},
+                                      sort_keys=True, default=list).encode())
+        for tensor in (self.flextok.encoder.registers, self.flextok.encoder.to_latents.weight,
+                       self.flextok.decoder.mask_token, self.flextok.decoder.from_latents.weight):
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     # -- sizes --------------------------------------------------------------------------------------
     @property

@@ -1,0 +1,329 @@
+"""The ``flextok`` command line: convert, tokenize, reconstruct, info.
+
+    flextok convert EPFL-VILAB/flextok_d18_d18_in1k out/flextok_d18_d18
+    flextok tokenize photos/ --model out/flextok_d18_d18 --out tokens.safetensors
+    flextok reconstruct photo.jpg --model out/flextok_d18_d18 --tokens 1 4 16 64 256 --out grid.png
+    flextok info out/flextok_d18_d18
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+FITS = ("none", "center-crop", "resize")
+
+
+class CLIError(Exception):
+    """A problem with the user's input; printed without a traceback."""
+
+
+# -- images -----------------------------------------------------------------------------------------
+def find_images(inputs: list[str]) -> list[Path]:
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CLIError(f"no such file or folder: {path}")
+    return files
+
+
+def load_image(path: Path):
+    """Any PIL-readable image as 8-bit RGB: EXIF rotation applied, 16-bit scaled, alpha composited on white."""
+    import numpy as np
+    import PIL.Image
+    import PIL.ImageOps
+
+    try:
+        with PIL.Image.open(path) as im:
+            im.load()
+            im = PIL.ImageOps.exif_transpose(im)
+    except Exception as e:
+        raise CLIError(f"cannot read image {path}: {e}") from e
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im = PIL.Image.fromarray((arr / top * 255).round().clip(0, 255).astype(np.uint8))
+    elif im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        im = PIL.Image.fromarray((arr.clip(0, 1) * 255).round().astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = PIL.Image.alpha_composite(background, rgba)
+    return im.convert("RGB")
+
+
+def fit_image(im, pipe, fit: str, size: int | None, path: Path):
+    """Apply ``--fit`` so the model can take the image, or explain which sizes it can take."""
+    import PIL.Image
+
+    max_h, max_w = pipe.default_image_size
+    unit = pipe.vae_scale_factor * pipe.flextok.config.patch_size
+    if fit == "none":
+        w, h = im.size
+        if w % unit or h % unit or w > max_w or h > max_h:
+            raise CLIError(f"{path}: {w}x{h} is not a size this model takes (width and height must be multiples of "
+                           f"{unit}, at most {max_w}x{max_h}); pass --fit center-crop or --fit resize")
+        return im
+    target = size or min(max_h, max_w)
+    if target % unit or target > min(max_h, max_w):
+        raise CLIError(f"--size {target}: must be a multiple of {unit} and at most {min(max_h, max_w)}")
+    if fit == "resize":
+        return im.resize((target, target), PIL.Image.BICUBIC)
+    w, h = im.size
+    scale = target / min(w, h)
+    im = im.resize((max(target, round(w * scale)), max(target, round(h * scale))), PIL.Image.BICUBIC)
+    left, top = (im.size[0] - target) // 2, (im.size[1] - target) // 2
+    return im.crop((left, top, left + target, top + target))
+
+
+# -- model ------------------------------------------------------------------------------------------
+def load_pipeline(args):
+    import torch
+
+    from .pipelines import FlexTokPipeline
+
+    if not args.model:
+        raise CLIError("no model given: pass --model <folder or hub id> (or set FLEXTOK_MODEL)")
+    try:
+        pipe = FlexTokPipeline.load(args.model)
+    except (ValueError, OSError) as e:
+        raise CLIError(str(e)) from e
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if dtype != pipe.flextok.dtype:
+        pipe.flextok.to(dtype=dtype)  # the VAE stays in float32, as the release runs it
+    pipe.to(args.device)
+    return pipe
+
+
+def write_atomic(path: Path, write):
+    """``write(tmp_path)`` then rename onto ``path``: no half-written outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def batches(items, size):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def images_to_tensor(pil_images):
+    import numpy as np
+    import torch
+
+    arr = np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in pil_images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2)
+
+
+def grouped_by_size(paths, pipe, args):
+    """Load and fit images, then group them by size (one batch holds one size)."""
+    groups: dict = {}
+    for path in paths:
+        im = fit_image(load_image(path), pipe, args.fit, args.size, path)
+        groups.setdefault(im.size, []).append((path, im))
+    return groups
+
+
+# -- commands ---------------------------------------------------------------------------------------
+def cmd_convert(args):
+    from .flextok_core import LICENSE_NOTICE
+    from .pipelines import FlexTokPipeline
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"{out} exists; pass --overwrite to replace it")
+    try:
+        pipe = FlexTokPipeline.from_official(args.source, vae=args.vae, sample_posterior=args.sample_posterior)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    pipe.save_pretrained(out)
+    (out / "WEIGHTS_LICENSE_NOTICE.txt").write_text(LICENSE_NOTICE + "\n" + f"Converted from {args.source}.\n")
+    print(f"wrote {out} (load with FlexTokPipeline.from_pretrained({str(out)!r}))")
+
+
+def cmd_tokenize(args):
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    pipe = load_pipeline(args)
+    n = pipe.num_registers
+    k = args.num_tokens or n
+    if not 1 <= k <= n:
+        raise CLIError(f"--num-tokens must be in 1..{n}")
+    paths = find_images(args.inputs)
+    groups = grouped_by_size(paths, pipe, args)
+    generator = torch.Generator().manual_seed(args.seed)
+    rows, files, sizes = [], [], []
+    with tqdm(total=len(paths), desc="tokenize", unit="img", disable=args.quiet) as bar:
+        for (w, h), items in groups.items():
+            for batch in batches(items, args.batch_size):
+                ids = pipe.tokenize(images_to_tensor([im for _, im in batch]), num_tokens=k, generator=generator,
+                                    sample_posterior=False if args.deterministic else None)
+                rows.append(ids.cpu().to(torch.int32))
+                files += [str(p) for p, _ in batch]
+                sizes += [[h, w]] * len(batch)
+                bar.update(len(batch))
+    metadata = {"format": "flextok-tokens/1", "model": str(args.model), "fingerprint": pipe.fingerprint,
+                "files": json.dumps(files), "image_sizes": json.dumps(sizes), "num_tokens": str(k)}
+    ids = torch.cat(rows)
+    write_atomic(Path(args.out), lambda tmp: save_file({"ids": ids}, tmp, metadata=metadata))
+    print(f"wrote {len(files)} x {k} token ids to {args.out}")
+
+
+def cmd_reconstruct(args):
+    import torch
+
+    from .pipelines.image_grid import labelled_grid, save_image_atomic
+
+    pipe = load_pipeline(args)
+    n = pipe.num_registers
+    ks = sorted(set(args.tokens or [1, 4, 16, 64, n]))
+    bad = [k for k in ks if not 1 <= k <= n]
+    if bad:
+        raise CLIError(f"--tokens {bad}: this model decodes 1..{n} tokens")
+    paths = find_images(args.inputs)
+    groups = grouped_by_size(paths, pipe, args)
+    generator = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for (w, h), items in groups.items():
+        for batch in batches(items, args.batch_size):
+            out = pipe(image=images_to_tensor([im for _, im in batch]), num_tokens=ks, generator=generator,
+                       num_inference_steps=args.steps, guidance_scale=args.guidance, use_apg=not args.no_apg,
+                       decode_batch_size=args.decode_batch_size, output_type="pil")
+            for i, (_, im) in enumerate(batch):
+                rows.append([im] + out.images[i * len(ks) : (i + 1) * len(ks)])
+    width = max(r[0].size[0] for r in rows)
+    height = max(r[0].size[1] for r in rows)
+    rows = [[im if im.size == (width, height) else im.resize((width, height)) for im in row] for row in rows]
+    grid = labelled_grid(rows, ["input"] + [f"{k} token" + ("s" if k > 1 else "") for k in ks])
+    save_image_atomic(grid, args.out)
+    print(f"wrote {args.out} ({len(rows)} image(s) x {len(ks)} token budgets)")
+
+
+def describe(pipe, source: str) -> dict:
+    cfg = pipe.flextok.config
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {
+        "source": source,
+        "fingerprint": pipe.fingerprint,
+        "tokens": f"1..{cfg.num_registers}, vocabulary {pipe.flextok.vocab_size} (FSQ levels {list(cfg.fsq_levels)})",
+        "image size": "{}x{} (multiples of {})".format(*pipe.default_image_size,
+                                                       pipe.vae_scale_factor * cfg.patch_size),
+        "encoder": f"dim {cfg.encoder_dim}, depth {cfg.encoder_depth}, head_dim {cfg.encoder_head_dim}, "
+                   f"{count(pipe.flextok.encoder) / 1e6:.1f}M params",
+        "decoder": f"dim {cfg.decoder_dim}, depth {cfg.decoder_depth}, head_dim {cfg.decoder_head_dim}, "
+                   f"{count(pipe.flextok.decoder) / 1e6:.1f}M params, null condition {cfg.null_condition}, "
+                   f"max_timestep {cfg.max_timestep}",
+        "vae": f"{pipe.vae.config.latent_channels} channels, /{pipe.vae_scale_factor}, scaling factor "
+               f"{pipe.vae.config.scaling_factor}, {count(pipe.vae) / 1e6:.1f}M params, "
+               f"tokenize {'samples the posterior' if cfg.sample_posterior else 'uses the posterior mean'}",
+        "ar model": "none" if pipe.ar_model is None else f"{type(pipe.ar_model).__name__}, "
+                                                         f"{count(pipe.ar_model) / 1e6:.1f}M params",
+    }
+
+
+def cmd_info(args):
+    args.device, args.dtype = "cpu", "float32"
+    pipe = load_pipeline(args)
+    info = describe(pipe, str(args.model))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:12s} {value}")
+
+
+# -- parser -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flextok", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(p, positional=False):
+        if positional:
+            p.add_argument("model", help="our diffusers folder, an official FlexTok folder, or a hub id")
+        else:
+            p.add_argument("--model", default=os.environ.get("FLEXTOK_MODEL"),
+                           help="our diffusers folder, an official FlexTok folder, or a hub id ($FLEXTOK_MODEL)")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+    def image_options(p):
+        p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+        p.add_argument("--fit", choices=FITS, default="none",
+                       help="for sizes the model cannot take: centre-crop or resize to --size (default: refuse)")
+        p.add_argument("--size", type=int, help="target size for --fit (default: the model's largest)")
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("convert", help="official release -> our diffusers-format folder")
+    p.add_argument("source", help="official FlexTok folder or hub id (e.g. EPFL-VILAB/flextok_d18_d18_in1k)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--vae", help="AutoencoderKL folder or hub id overriding the config's vae.hf_hub_path")
+    p.add_argument("--sample-posterior", dest="sample_posterior", action="store_true", default=None)
+    p.add_argument("--no-sample-posterior", dest="sample_posterior", action="store_false")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("tokenize", help="images -> token ids in a safetensors file")
+    image_options(p)
+    model_options(p)
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--num-tokens", type=int, help="keep the first k tokens (default: all)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="encode the VAE posterior mean instead of a sample (the release samples)")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("reconstruct", help="images -> labelled coarse-to-fine grid at several token budgets")
+    image_options(p)
+    model_options(p)
+    p.add_argument("--tokens", type=int, nargs="+", help="token budgets (default: 1 4 16 64 N)")
+    p.add_argument("--out", default="reconstruction.png")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--no-apg", action="store_true", help="plain classifier-free guidance instead of APG")
+    p.add_argument("--decode-batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("info", help="describe a model")
+    p.add_argument("model", help="our diffusers folder, an official FlexTok folder, or a hub id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CLIError as e:
+        print(f"flextok {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
