@@ -1,4 +1,4 @@
-from .pipeline_flextok import FlexTokPipeline
-from .scheduling_flextok import FlexTokFlowScheduler, flextok_sigmas
+from .pipeline_flextok import FlexTokPipeline, FlexTokPipelineOutput
+from .scheduling_flextok import FlexTokFlowScheduler
 
-__all__ = ["FlexTokFlowScheduler", "FlexTokPipeline", "flextok_sigmas"]
+__all__ = ["FlexTokFlowScheduler", "FlexTokPipeline", "FlexTokPipelineOutput"]

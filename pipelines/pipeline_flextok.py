@@ -16,6 +16,8 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.image_processor import VaeImageProcessor
+from dataclasses import dataclass
+
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -38,6 +40,14 @@ HUB_SHIM = (
     "# (needs `pip install flextok-kit`).\n"
     "from flextok_kit.pipelines import FlexTokPipeline  # noqa: F401\n"
 )
+
+
+@dataclass
+class FlexTokPipelineOutput(ImagePipelineOutput):
+    """Images (``None`` for ``output_type="tokens"``) and the token ids they were decoded from ``[B, k]``
+    (or a list of ragged sequences)."""
+
+    tokens: torch.Tensor | list | None = None
 
 
 def _ensure_importable_as_package():
@@ -413,18 +423,115 @@ class FlexTokPipeline(DiffusionPipeline):
             return (image,)
         return ImagePipelineOutput(images=image)
 
-    # -- reconstruct --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def __call__(self, image=None, num_tokens: int | list[int] | None = None, generator=None,
-                 sample_posterior: bool | None = None, num_images_per_prompt: int = 1, **detokenize_kwargs):
-        """Reconstruct ``image`` through its first ``num_tokens`` tokens (default: all N).
+    # -- generation (AR) ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (text encoder hidden states ``[B,S,D_text]``, attention mask ``[B,S]``)."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("this pipeline has no text_encoder/tokenizer: pass class_labels, or load a text model")
+        device = device or self._execution_device
+        batch = self.tokenizer(list(prompt), padding=True, truncation=True, return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        states = self.text_encoder(**batch).last_hidden_state
+        return states, batch["attention_mask"]
 
-        With a list ``num_tokens=[k1, k2, ...]`` each image is tokenized once and decoded at every k in one
-        batched run; the outputs are image-major (image 0 at k1, k2, ..., then image 1 ...), and each image's
+    def _class_label_ids(self, class_labels) -> torch.Tensor:
+        labels = [class_labels] if isinstance(class_labels, (int, str)) else list(class_labels)
+        if not labels:
+            raise ValueError("class_labels is empty")
+        if all(isinstance(c, str) for c in labels):
+            return self.ar_model.class_ids(labels)
+        if any(isinstance(c, str) for c in labels):
+            raise ValueError("class_labels must be all ids or all names, not a mix")
+        return torch.as_tensor([int(c) for c in labels], dtype=torch.long)
+
+    @torch.no_grad()
+    def generate_tokens(
+        self,
+        class_labels=None,
+        prompt: str | list[str] | None = None,
+        num_tokens: int | None = None,
+        ar_guidance_scale: float = 4.0,
+        ar_guidance_schedule: str = "constant",
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.LongTensor:
+        """Sample token ids ``[B * num_images_per_prompt, num_tokens]`` with the AR model, from class ids or
+        names (via the AR config's ``id2label``) or from prompts (text encoder hidden states)."""
+        if self.ar_model is None:
+            raise ValueError("this pipeline has no AR model (ar_model=None): it can reconstruct images, not "
+                             "generate them")
+        if (class_labels is None) == (prompt is None):
+            raise ValueError("pass exactly one of class_labels or prompt")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        limit = min(self.ar_model.config.max_tokens, self.num_registers)
+        num_tokens = limit if num_tokens is None else num_tokens
+        if not isinstance(num_tokens, int) or not 1 <= num_tokens <= limit:
+            raise ValueError(f"num_tokens must be an integer in 1..{limit}, got {num_tokens!r}")
+        kwargs = dict(num_tokens=num_tokens, guidance_scale=ar_guidance_scale, guidance_schedule=ar_guidance_schedule,
+                      temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache)
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts or any(not isinstance(p, str) for p in prompts):
+                raise ValueError("prompt must be a string or a non-empty list of strings")
+            if not self.ar_model.is_text_conditional:
+                raise ValueError("this AR model is class-conditional: pass class_labels, not prompt")
+            states, mask = self.encode_prompt(prompts)
+            states = states.repeat_interleave(num_images_per_prompt, dim=0)
+            mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
+            ids = self.ar_model.generate(text_states=states.to(self.ar_model.dtype), text_mask=mask, **kwargs)
+        else:
+            if self.ar_model.is_text_conditional:
+                raise ValueError("this AR model is text-conditional: pass prompt, not class_labels")
+            labels = self._class_label_ids(class_labels).repeat_interleave(num_images_per_prompt)
+            ids = self.ar_model.generate(class_labels=labels, **kwargs)
+        self.maybe_free_model_hooks()
+        return ids
+
+    # -- one entry point ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, image=None, class_labels=None, prompt=None, num_tokens: int | list[int] | None = None,
+                 generator=None, sample_posterior: bool | None = None, num_images_per_prompt: int = 1,
+                 output_type: str = "pil", return_dict: bool = True, ar_guidance_scale: float = 4.0,
+                 ar_guidance_schedule: str = "constant", temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, **detokenize_kwargs):
+        """Reconstruct ``image`` through its first ``num_tokens`` tokens, or generate from ``class_labels`` /
+        ``prompt`` with the AR model (``num_tokens`` tokens, then decode). ``output_type="tokens"`` returns only
+        the ids. Decoder options (steps, guidance, APG, ...) are those of :meth:`detokenize`.
+
+        Reconstruction with a list ``num_tokens=[k1, k2, ...]`` tokenizes each image once and decodes every k
+        in one batched run; outputs are image-major (image 0 at k1, k2, ..., then image 1 ...), and each image's
         series shares one initial noise, so the differences come from the tokens alone.
         """
+        if sum(x is not None for x in (image, class_labels, prompt)) != 1:
+            raise ValueError("pass exactly one of image= (reconstruct), class_labels= or prompt= (generate)")
+        if output_type not in OUTPUT_TYPES + ("tokens",):
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES + ('tokens',)}, got {output_type!r}")
         if image is None:
-            raise ValueError("pass image=... to reconstruct (generation from classes or prompts needs an AR model)")
+            if isinstance(num_tokens, (list, tuple)):
+                raise ValueError("generation takes one num_tokens; decode prefixes of the result for a series")
+            sequences = self.generate_tokens(class_labels, prompt, num_tokens, ar_guidance_scale,
+                                             ar_guidance_schedule, temperature, top_k, top_p,
+                                             num_images_per_prompt, generator)
+            num_images_per_prompt = 1  # already expanded
+        else:
+            sequences = self._reconstruction_sequences(image, num_tokens, generator, sample_posterior,
+                                                       num_images_per_prompt, detokenize_kwargs)
+        if output_type == "tokens":
+            out = FlexTokPipelineOutput(images=None, tokens=sequences)
+            return out if return_dict else (None, sequences)
+        images = self.detokenize(sequences, generator=generator, num_images_per_prompt=num_images_per_prompt,
+                                 output_type=output_type, return_dict=False, **detokenize_kwargs)[0]
+        if not return_dict:
+            return (images, sequences)
+        return FlexTokPipelineOutput(images=images, tokens=sequences)
+
+    def _reconstruction_sequences(self, image, num_tokens, generator, sample_posterior, num_images_per_prompt,
+                                  detokenize_kwargs) -> list:
         images = self._images_to_tensor(image)
         ks = num_tokens if isinstance(num_tokens, (list, tuple)) else [num_tokens or self.num_registers]
         if not ks:
@@ -434,7 +541,6 @@ class FlexTokPipeline(DiffusionPipeline):
                 raise ValueError(f"num_tokens must be integers in 1..{self.num_registers}, got {k!r}")
         ids = self.tokenize(images, num_tokens=max(ks), generator=generator, sample_posterior=sample_posterior)
         b, n_k = ids.shape[0], len(ks)
-        sequences = [ids[i, :k] for i in range(b) for k in ks]  # image-major
         height, width = images.shape[2:]
         detokenize_kwargs.setdefault("height", height)
         detokenize_kwargs.setdefault("width", width)
@@ -443,5 +549,4 @@ class FlexTokPipeline(DiffusionPipeline):
                                          self._execution_device, generator)
             noise = noise.view(b, num_images_per_prompt, *noise.shape[1:])
             detokenize_kwargs["latents"] = noise[:, None].expand(b, n_k, *noise.shape[1:]).flatten(0, 2)
-        return self.detokenize(sequences, generator=generator, num_images_per_prompt=num_images_per_prompt,
-                               **detokenize_kwargs)
+        return [ids[i, :k] for i in range(b) for k in ks]  # image-major
