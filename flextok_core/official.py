@@ -301,55 +301,69 @@ def parse_config(config: dict) -> tuple[dict, dict]:
 # state-dict mapping
 # ---------------------------------------------------------------------------------------------------
 def map_state_dict(tensors: dict, names: dict, model_config: dict) -> tuple[dict, set]:
-    """Official FlexTok keys -> FlexTokModel keys. Returns (our state dict, official keys consumed)."""
-    out, used = {}, set()
+    """Official FlexTok keys -> FlexTokModel keys. Returns (our state dict, official keys consumed).
 
-    def take(key):
+    Every official tensor is checked against the shape the config implies, so a mismatch names the official key.
+    """
+    from .layers import swiglu_hidden_dim
+
+    out, used = {}, set()
+    cfg = model_config
+    n, (gh, gw), f = cfg["num_registers"], cfg["grid_size"], len(cfg["fsq_levels"])
+    patch_in = cfg["latent_channels"] * cfg["patch_size"] ** 2
+
+    def take(key, shape):
         if key not in tensors:
             raise OfficialCheckpointError(f"model.safetensors lacks the weight {key!r}")
+        tensor = tensors[key]
+        if tuple(tensor.shape) != tuple(shape):
+            raise OfficialCheckpointError(
+                f"weight {key!r} has shape {tuple(tensor.shape)}, the config implies {tuple(shape)}")
         used.add(key)
-        return tensors[key]
+        return tensor
 
-    def block_weights(src: str, dst: str, depth: int, adaln: bool):
+    def linear(src: str, dst: str, d_out: int, d_in: int, bias: bool = True):
+        out[f"{dst}.weight"] = take(f"{src}.weight", (d_out, d_in))
+        if bias:
+            out[f"{dst}.bias"] = take(f"{src}.bias", (d_out,))
+
+    def block_weights(src: str, dst: str, dim: int, depth: int, mlp_ratio: float, adaln: bool):
+        hidden = swiglu_hidden_dim(dim, mlp_ratio)
         for i in range(depth):
             s, t = f"{src}.blocks.{i}", f"{dst}.blocks.{i}"
-            out[f"{t}.attn.qkv.weight"] = torch.cat([take(f"{s}.attn.w{c}.weight") for c in "qkv"])
-            out[f"{t}.attn.proj.weight"] = take(f"{s}.attn.proj.weight")
-            out[f"{t}.mlp.gate_up.weight"] = torch.cat([take(f"{s}.mlp.fc1.weight"), take(f"{s}.mlp.fc3.weight")])
-            out[f"{t}.mlp.down.weight"] = take(f"{s}.mlp.fc2.weight")
+            out[f"{t}.attn.qkv.weight"] = torch.cat([take(f"{s}.attn.w{c}.weight", (dim, dim)) for c in "qkv"])
+            out[f"{t}.attn.proj.weight"] = take(f"{s}.attn.proj.weight", (dim, dim))
+            out[f"{t}.mlp.gate_up.weight"] = torch.cat([take(f"{s}.mlp.fc1.weight", (hidden, dim)),
+                                                        take(f"{s}.mlp.fc3.weight", (hidden, dim))])
+            out[f"{t}.mlp.down.weight"] = take(f"{s}.mlp.fc2.weight", (dim, hidden))
             if adaln:
-                out[f"{t}.adaLN.weight"] = take(f"{s}.adaLN_modulation.1.weight")
-                out[f"{t}.adaLN.bias"] = take(f"{s}.adaLN_modulation.1.bias")
+                linear(f"{s}.adaLN_modulation.1", f"{t}.adaLN", cfg["adaln_expansion"] * 6 * dim, dim)
         extra = [k for k in tensors if k.startswith(f"{src}.blocks.{depth}.")]
         if extra:
             raise OfficialCheckpointError(f"model.safetensors has more blocks than the config's depth {depth}: {extra[0]!r}")
 
-    def linear(src: str, dst: str, bias: bool = True):
-        out[f"{dst}.weight"] = take(f"{src}.weight")
-        if bias:
-            out[f"{dst}.bias"] = take(f"{src}.bias")
+    en = {r: f"encoder.module_dict.{n_}" for r, n_ in names["encoder"].items()}
+    de = {r: f"decoder.module_dict.{n_}" for r, n_ in names["decoder"].items()}
+    de_dim, en_dim = cfg["decoder_dim"], cfg["encoder_dim"]
 
-    en = {r: f"encoder.module_dict.{n}" for r, n in names["encoder"].items()}
-    de = {r: f"decoder.module_dict.{n}" for r, n in names["decoder"].items()}
+    linear(f"{en['patch_emb']}.patch_proj", "encoder.patch_embed", en_dim, patch_in)
+    out["encoder.pos_embed"] = take(f"{en['posemb']}.posembs", (1, en_dim, gh, gw))[0].permute(1, 2, 0)  # [Gh,Gw,D]
+    out["encoder.registers"] = take(f"{en['registers']}.registers", (n, en_dim))
+    block_weights(en["transformer"], "encoder", en_dim, cfg["encoder_depth"], cfg["encoder_mlp_ratio"], adaln=False)
+    linear(f"{en['to_latents']}.proj", "encoder.to_latents", f, en_dim)
 
-    linear(f"{en['patch_emb']}.patch_proj", "encoder.patch_embed")
-    out["encoder.pos_embed"] = take(f"{en['posemb']}.posembs")[0].permute(1, 2, 0)  # [1,D,Gh,Gw] -> [Gh,Gw,D]
-    out["encoder.registers"] = take(f"{en['registers']}.registers")
-    block_weights(f"{en['transformer']}", "encoder", model_config["encoder_depth"], adaln=False)
-    linear(f"{en['to_latents']}.proj", "encoder.to_latents")
-
-    linear(f"{de['from_latents']}.proj", "decoder.from_latents")
-    out["decoder.register_pos_embed"] = take(f"{de['register_posemb']}.posembs")[0, 0].t()  # [1,1,D,N] -> [N,D]
-    out["decoder.mask_token"] = take(f"{de['nested_dropout']}.dropout_mask_token")
-    if model_config["null_condition"] == "learned":
-        out["decoder.null_cond"] = take(f"{de['null_cond']}.nullcond")
-    linear(f"{de['patch_emb']}.patch_proj", "decoder.patch_embed")
-    out["decoder.pos_embed"] = take(f"{de['posemb']}.posembs")[0].permute(1, 2, 0)
-    linear(f"{de['time_embedder']}.mlp.0", "decoder.time_embed.linear_1")
-    linear(f"{de['time_embedder']}.mlp.2", "decoder.time_embed.linear_2")
-    block_weights(f"{de['transformer']}", "decoder", model_config["decoder_depth"], adaln=True)
-    linear(f"{de['to_patches']}.adaLN_modulation.1", "decoder.final_adaLN")
-    linear(f"{de['to_patches']}.proj", "decoder.proj_out")
+    linear(f"{de['from_latents']}.proj", "decoder.from_latents", de_dim, f)
+    out["decoder.register_pos_embed"] = take(f"{de['register_posemb']}.posembs", (1, 1, de_dim, n))[0, 0].t()  # [N,D]
+    out["decoder.mask_token"] = take(f"{de['nested_dropout']}.dropout_mask_token", (de_dim,))
+    if cfg["null_condition"] == "learned":
+        out["decoder.null_cond"] = take(f"{de['null_cond']}.nullcond", (de_dim,))
+    linear(f"{de['patch_emb']}.patch_proj", "decoder.patch_embed", de_dim, patch_in)
+    out["decoder.pos_embed"] = take(f"{de['posemb']}.posembs", (1, de_dim, gh, gw))[0].permute(1, 2, 0)
+    linear(f"{de['time_embedder']}.mlp.0", "decoder.time_embed.linear_1", de_dim, cfg["time_embed_dim"])
+    linear(f"{de['time_embedder']}.mlp.2", "decoder.time_embed.linear_2", de_dim, de_dim)
+    block_weights(de["transformer"], "decoder", de_dim, cfg["decoder_depth"], cfg["decoder_mlp_ratio"], adaln=True)
+    linear(f"{de['to_patches']}.adaLN_modulation.1", "decoder.final_adaLN", 2 * de_dim, de_dim)
+    linear(f"{de['to_patches']}.proj", "decoder.proj_out", patch_in, de_dim)
     return {k: v.contiguous() for k, v in out.items()}, used
 
 
@@ -374,10 +388,19 @@ def _load_vae(settings: dict, folder: Path, vae_tensors: dict, vae_override=None
 
     if isinstance(vae_override, AutoencoderKL):
         return vae_override, "given AutoencoderKL"
-    hub_path = vae_override if vae_override is not None else settings["hf_hub_path"]
+    if vae_override is not None:
+        # an explicit VAE replaces the one in model.safetensors entirely (config and weights)
+        vae_tensors = {}
+        hub_path = vae_override
+        candidates = [Path(hub_path)]
+    else:
+        hub_path = settings["hf_hub_path"]
+        # a relative hf_hub_path belongs to the checkpoint: look beside it before the working directory
+        candidates = [] if hub_path is None else (
+            [Path(hub_path)] if Path(hub_path).is_absolute() else [folder / str(hub_path), Path(hub_path)])
     vae_folder = None
     if hub_path is not None:
-        for candidate in (Path(hub_path), folder / str(hub_path)):
+        for candidate in candidates:
             if candidate.is_dir():
                 vae_folder = candidate
                 break
@@ -452,9 +475,6 @@ def load_official(path_or_repo, vae=None, sample_posterior: bool | None = None) 
             f"model.safetensors has {len(unexpected)} weights the config does not explain, e.g. {unexpected[:3]}")
     if skipped:
         notes.append(f"skipped {len(skipped)} training-only REPA weights")
-    non_vae = [k for k in tensors if k.startswith("vae.") and not k.startswith("vae.vae.")]
-    if non_vae:
-        raise OfficialCheckpointError(f"model.safetensors has unexpected VAE-wrapper weights, e.g. {non_vae[:3]}")
 
     model = FlexTokModel(**model_config)
     _load_into(model, state, "FlexTok weights")
