@@ -1,14 +1,13 @@
 """FlexTok toolkit: ComfyUI custom-node pack and Python library (installed as ``flextok_kit``).
 
-Importing this package outside ComfyUI does nothing heavy and never imports ComfyUI; inside ComfyUI the node
-mappings are exported (the nodes arrive with the ComfyUI issue).
+Outside ComfyUI importing this package does nothing heavy, never imports ComfyUI and exports empty node
+mappings. Inside ComfyUI (which imports this folder by path from ``custom_nodes/``) it exposes the V3 entry point
+``comfy_entrypoint`` with the FlexTok nodes; ComfyUI loads a module with ``NODE_CLASS_MAPPINGS`` as a V1 pack and
+ignores its ``comfy_entrypoint``, so the mappings are not defined there.
 """
 import sys
 
 __version__ = "0.1.0"
-
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
 
 def _inside_comfyui() -> bool:
@@ -16,9 +15,11 @@ def _inside_comfyui() -> bool:
 
 
 if _inside_comfyui():  # pragma: no cover - exercised by the ComfyUI server tests
-    try:
-        from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
-    except ImportError:
-        pass
+    # No try/except: if the nodes cannot be imported, ComfyUI must log the traceback ("IMPORT FAILED").
+    from .nodes.comfy_nodes import comfy_entrypoint  # noqa: F401
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]
+    __all__ = ["comfy_entrypoint", "__version__"]
+else:
+    NODE_CLASS_MAPPINGS: dict = {}
+    NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]

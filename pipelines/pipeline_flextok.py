@@ -176,14 +176,22 @@ class FlexTokPipeline(DiffusionPipeline):
 
     @property
     def fingerprint(self) -> str:
-        """Short identity of this tokenizer (config + learned register/mask/head weights). Token files and
-        ComfyUI tokens carry it, so decoding can refuse tokens made by another model."""
-        h = hashlib.sha256(json.dumps({k: v for k, v in self.flextok.config.items() if not k.startswith("_")},
-                                      sort_keys=True, default=list).encode())
-        for tensor in (self.flextok.encoder.registers, self.flextok.encoder.to_latents.weight,
-                       self.flextok.decoder.mask_token, self.flextok.decoder.from_latents.weight):
-            h.update(tensor.detach().float().cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+        """Identity of this token space: the tokenizer and VAE configs plus a strided sample of every weight
+        (rounded to bfloat16). The same weights give the same id in either format, any dtype or device; another
+        release or a fine-tune gives another. Token files and ComfyUI tokens carry it, so decoding can refuse
+        tokens made by another model."""
+        h = hashlib.sha256()
+        for part in ("flextok", "vae"):
+            module = getattr(self, part)
+            config = {k: v for k, v in dict(module.config).items() if not str(k).startswith("_")}
+            h.update(json.dumps({part: config}, sort_keys=True, default=str).encode())
+            for name, tensor in sorted(module.state_dict().items()):
+                h.update(f"{name}:{tuple(tensor.shape)};".encode())
+                flat = tensor.detach().reshape(-1)
+                if flat.numel() and flat.is_floating_point():
+                    idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel()), device=flat.device).long()
+                    h.update(flat[idx].to(torch.bfloat16).float().cpu().numpy().tobytes())
+        return h.hexdigest()[:32]
 
     # -- sizes --------------------------------------------------------------------------------------
     @property

@@ -1,0 +1,546 @@
+"""The FlexTok node pack inside a REAL ComfyUI 0.3.75 server, driven over HTTP and the websocket.
+
+Needs ComfyUI installed by ``.ci/comfyui.sh`` (``.ci/install_comfyui.sh`` + this pack's requirements in ComfyUI's
+env) at ``$COMFYUI_HOME`` (default ``~/.cache/comfyui-0.3.75``). Without it the server tests skip, except when
+``CI`` is set: then they fail. ``FLEXTOK_COMFYUI_INSTALL=1`` makes the fixture run ``.ci/comfyui.sh`` itself.
+The browser test also needs ``--with-browser`` (Debian chromium + playwright in ComfyUI's env);
+``FLEXTOK_UPDATE_SCREENSHOT=1`` copies its screenshot to docs/comfyui_workflow.png.
+
+The server gets a throw-away ``--base-directory`` with this repository symlinked as ``custom_nodes/flextok_nodes``,
+the golden tiny checkpoint (official format) as ``models/flextok/flextok_tiny``, the same weights in diffusers
+format, and a model with other weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from .comfyui_harness import ComfyServer, ui_to_api, write_safetensors
+from .conftest import GOLDEN, ROOT
+
+from flextok_kit import flextok_core
+from flextok_kit.nodes import core  # plain Python, no ComfyUI
+from flextok_kit.pipelines import FlexTokPipeline
+
+COMFYUI_HOME = Path(os.environ.get("COMFYUI_HOME") or Path.home() / ".cache" / "comfyui-0.3.75")
+LAUNCHER = COMFYUI_HOME / "bin" / "comfyui"
+COMFY_PY = COMFYUI_HOME / "bin" / "python"
+IN_CI = bool(os.environ.get("CI"))
+PACK = "flextok_nodes"
+EXAMPLES = ROOT / "example_workflows"
+RECONSTRUCT = EXAMPLES / "flextok_reconstruct.json"
+AR_EXAMPLE = EXAMPLES / "flextok_ar_generate.json"
+NODE_IDS = ["FlexTokLoad", "FlexTokEncode", "FlexTokTruncate", "FlexTokDecode", "FlexTokCoarseToFine",
+            "FlexTokSaveTokens", "FlexTokLoadTokens", "FlexTokARGenerate"]
+HAS_AR_BACKEND = hasattr(FlexTokPipeline, "generate_tokens") and hasattr(flextok_core, "FlexTokAR")
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def _unavailable(reason: str):
+    if IN_CI:
+        pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _ensure_comfyui() -> None:
+    if not LAUNCHER.exists() and (IN_CI or os.environ.get("FLEXTOK_COMFYUI_INSTALL") == "1"):
+        res = subprocess.run(["bash", str(ROOT / ".ci" / "comfyui.sh")], capture_output=True, text=True,
+                             env=dict(os.environ, COMFYUI_HOME=str(COMFYUI_HOME)), timeout=1800)
+        if res.returncode != 0:
+            _unavailable(f".ci/comfyui.sh failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    if not LAUNCHER.exists():
+        _unavailable(f"ComfyUI is not installed at {COMFYUI_HOME} (run .ci/comfyui.sh or set COMFYUI_HOME)")
+    res = subprocess.run([str(COMFY_PY), "-c", "import diffusers, safetensors"], capture_output=True, text=True)
+    if res.returncode != 0:
+        _unavailable(f"the pack's requirements are missing from ComfyUI's env ({COMFY_PY}); run .ci/comfyui.sh: "
+                     f"{res.stderr[-500:]}")
+
+
+def _test_image() -> PIL.Image.Image:
+    """160x96 RGB: not square and wider than the tiny model's 128, so fit matters."""
+    y, x = np.mgrid[0:96, 0:160]
+    rgb = np.stack([x * 255 / 159, y * 255 / 95, ((x // 16 + y // 16) % 2) * 255], -1)
+    return PIL.Image.fromarray(rgb.round().astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def golden_pipe():
+    pipe = FlexTokPipeline.from_official(str(GOLDEN))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, golden_pipe):
+    base = tmp_path_factory.mktemp("comfy_base")
+    models = base / "models" / "flextok"
+    models.mkdir(parents=True)
+    (models / "flextok_tiny").symlink_to(GOLDEN, target_is_directory=True)  # official format, read-only
+    golden_pipe.save_pretrained(models / "flextok_tiny_diffusers")  # same weights, diffusers format
+    other = FlexTokPipeline.from_official(str(GOLDEN))
+    with torch.no_grad():
+        for p in other.flextok.decoder.parameters():
+            p.add_(0.01)
+    other.save_pretrained(models / "other" / "flextok_other")  # other weights, in a sub folder
+    (models / "not_a_model").mkdir()
+    (models / "not_a_model" / "readme.txt").write_text("no checkpoint here")
+    inputs = base / "input"
+    inputs.mkdir()
+    _test_image().save(inputs / "example.png")
+    write_safetensors(inputs / "not_tokens.safetensors", {"x": [1.0, 2.0]})  # must not be offered as tokens
+    return base
+
+
+@pytest.fixture(scope="module")
+def srv(base):
+    _ensure_comfyui()
+    server = ComfyServer(LAUNCHER, base, packs={PACK: ROOT},
+                         extra_args=["--disable-api-nodes", "--disable-metadata"])
+    try:
+        server.start(timeout=180)
+    except Exception as e:  # noqa: BLE001
+        _unavailable(f"ComfyUI did not start: {e}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def info(srv):
+    return srv.object_info()
+
+
+def load_image01(path) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(PIL.Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)
+
+
+def run_ok(srv, prompt):
+    run = srv.run(prompt, timeout=300)
+    assert run.status == "success", json.dumps(run.error, indent=1)[-3000:]
+    return run
+
+
+def run_error(srv, prompt) -> dict:
+    run = srv.run(prompt, timeout=300)
+    assert run.status == "error", f"expected an execution error, got {run.status}: {run.outputs}"
+    return run.error
+
+
+def queue_invalid(srv, prompt) -> list[dict]:
+    status, body = srv.queue(prompt)
+    assert status == 400, (status, body)
+    return [dict(e, node=nid) for nid, ne in body["node_errors"].items() for e in ne["errors"]]
+
+
+def encode_graph(model="flextok_tiny", fit="center_crop", image="example.png"):
+    return {
+        "img": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "m": {"class_type": "FlexTokLoad", "inputs": {"model_name": model, "device": "default", "dtype": "auto"}},
+        "enc": {"class_type": "FlexTokEncode", "inputs": {"flextok_model": ["m", 0], "image": ["img", 0], "fit": fit,
+                                                          "posterior_seed": 0}},
+    }
+
+
+def decode_node(model_ref, tokens_ref, steps=3, seed=0):
+    return {"class_type": "FlexTokDecode", "inputs": {"flextok_model": model_ref, "tokens": tokens_ref, "steps": steps,
+                                                      "guidance_scale": 7.5, "use_apg": True, "seed": seed}}
+
+
+def token_file_options(srv) -> list[str]:
+    return srv.object_info("FlexTokLoadTokens")["FlexTokLoadTokens"]["input"]["required"]["tokens_file"][1]["options"]
+
+
+def save_node(images_ref, prefix):
+    return {"class_type": "SaveImage", "inputs": {"images": images_ref, "filename_prefix": prefix}}
+
+
+# ------------------------------------------------------------------------------------------------ no server
+def test_core_k_lists_and_tokens(tmp_path):
+    assert core.parse_k_list("1, 4,16;16", n=32) == [1, 4, 16]
+    for text, msg in [("0,4", "k=0 is too small"), ("1,64", "more than this model's N=32"), ("", "empty"),
+                      ("1,x", "'x' is not an integer")]:
+        with pytest.raises(ValueError, match=msg):
+            core.parse_k_list(text, n=32)
+    with pytest.raises(ValueError, match="more than the 8 tokens in the input"):
+        core.parse_k_list("16", n=32, available=8)
+    tok = core.FlexTokTokens(torch.arange(64).view(2, 32), "a" * 32, "m", (128, 128), 32, 64000)
+    assert tok.truncate(4).ids.tolist() == [[0, 1, 2, 3], [32, 33, 34, 35]]
+    with pytest.raises(ValueError, match="k=33 is more than the 32 tokens"):
+        tok.truncate(33)
+    with pytest.raises(ValueError, match="another FlexTok model.*'m'.*'x'"):
+        tok.check_model("b" * 32, "x")
+    path = tmp_path / "sub" / "t.safetensors"
+    core.save_tokens(tok.truncate(5), str(path))
+    assert sorted(os.listdir(path.parent)) == ["t.safetensors"]  # no temp file left behind
+    back = core.load_tokens(str(path))
+    assert back.ids.tolist() == tok.ids[:, :5].tolist() and back.model_id == tok.model_id
+    assert back.image_size == (128, 128) and back.num_registers == 32
+    assert core.list_token_files(str(tmp_path)) == ["sub/t.safetensors"]
+    write_safetensors(tmp_path / "plain.safetensors", {"x": [1.0]})
+    with pytest.raises(ValueError, match="not FlexTok tokens"):
+        core.load_tokens(str(tmp_path / "plain.safetensors"))
+
+
+def test_core_fit_images():
+    img = torch.rand(2, 96, 160, 3)
+    assert core.fit_images(img, (128, 128), "center_crop").shape == (2, 3, 128, 128)
+    assert core.fit_images(img, (128, 128), "stretch").shape == (2, 3, 128, 128)
+    same = core.fit_images(img[:, :, 16:112], (96, 96), "center_crop")  # exact size: untouched
+    assert torch.equal(same, img[:, :, 16:112].movedim(-1, 1))
+
+    def check(h, w):
+        raise ValueError(f"image size {h}x{w} is not supported")
+    with pytest.raises(ValueError, match="96x160 is not supported.*center_crop"):
+        core.fit_images(img, (128, 128), "none", check=check)
+
+
+def test_core_model_folders_and_identity(tmp_path, golden_pipe):
+    (tmp_path / "a").symlink_to(GOLDEN, target_is_directory=True)
+    golden_pipe.save_pretrained(tmp_path / "deep" / "b")
+    assert core.find_model_folders([str(tmp_path)]) == ["a", "deep/b"]  # never a/vae or deep/b/vae
+    assert core.resolve_model_folder([str(tmp_path)], "deep/b")[1] == "diffusers"
+    with pytest.raises(FileNotFoundError, match="'nope' not found.*available: \\['a', 'deep/b'\\]"):
+        core.resolve_model_folder([str(tmp_path)], "nope")
+    ident = core.model_identity(golden_pipe)
+    assert core.model_identity(FlexTokPipeline.from_pretrained(str(tmp_path / "deep" / "b"))) == ident
+    bf16 = FlexTokPipeline.from_official(str(GOLDEN))
+    bf16.flextok.to(torch.bfloat16)
+    assert core.model_identity(bf16) == ident  # the dtype does not change the token space
+    with torch.no_grad():
+        next(bf16.flextok.decoder.parameters()).add_(0.05)  # a fine-tune: another token space
+    assert core.model_identity(bf16) != ident
+
+
+# ------------------------------------------------------------------------------------------------ server
+def test_pack_imports_and_registers(srv, info):
+    log = srv.log_path.read_text(errors="replace")
+    assert "IMPORT FAILED" not in "\n".join(line for line in log.splitlines() if PACK in line), log[-3000:]
+    for node in NODE_IDS:
+        assert node in info, node
+        assert info[node]["category"] == "FlexTok"
+        assert info[node]["python_module"] == f"custom_nodes.{PACK}"
+    assert info["FlexTokLoad"]["display_name"] == "Load FlexTok"
+    assert info["FlexTokSaveTokens"]["output_node"] is True
+
+
+def _inputs(info, node):
+    req = info[node]["input"]["required"]
+    return {name: spec[0] for name, spec in req.items()}
+
+
+def test_object_info_inputs(info):
+    assert _inputs(info, "FlexTokLoad") == {"model_name": "COMBO", "device": "COMBO", "dtype": "COMBO"}
+    models = info["FlexTokLoad"]["input"]["required"]["model_name"][1]["options"]
+    assert models == ["flextok_tiny", "flextok_tiny_diffusers", "other/flextok_other"]  # folders, never vae/
+    assert _inputs(info, "FlexTokEncode") == {"flextok_model": "FLEXTOK_MODEL", "image": "IMAGE", "fit": "COMBO",
+                                               "posterior_seed": "INT"}
+    assert info["FlexTokEncode"]["input"]["required"]["fit"][1]["options"] == ["center_crop", "stretch", "none"]
+    assert _inputs(info, "FlexTokTruncate") == {"tokens": "FLEXTOK_TOKENS", "k": "INT"}
+    assert info["FlexTokTruncate"]["input"]["required"]["k"][1]["min"] == 1
+    sampling = {"steps": "INT", "guidance_scale": "FLOAT", "use_apg": "BOOLEAN", "seed": "INT"}
+    assert _inputs(info, "FlexTokDecode") == {"flextok_model": "FLEXTOK_MODEL", "tokens": "FLEXTOK_TOKENS", **sampling}
+    assert _inputs(info, "FlexTokCoarseToFine") == {"flextok_model": "FLEXTOK_MODEL", "tokens": "FLEXTOK_TOKENS",
+                                                     "k_values": "STRING", **sampling, "label": "BOOLEAN"}
+    assert _inputs(info, "FlexTokSaveTokens") == {"tokens": "FLEXTOK_TOKENS", "filename_prefix": "STRING"}
+    assert _inputs(info, "FlexTokLoadTokens") == {"tokens_file": "COMBO"}
+    assert "not_tokens.safetensors" not in info["FlexTokLoadTokens"]["input"]["required"]["tokens_file"][1]["options"]
+    assert _inputs(info, "FlexTokARGenerate") == {
+        "flextok_model": "FLEXTOK_MODEL", "class_label": "STRING", "prompt": "STRING", "num_tokens": "INT",
+        "ar_guidance_scale": "FLOAT", "temperature": "FLOAT", "top_k": "INT", "top_p": "FLOAT", "seed": "INT",
+        "batch_size": "INT"}
+    outputs = {n: info[n]["output"] for n in NODE_IDS}
+    assert outputs == {"FlexTokLoad": ["FLEXTOK_MODEL"], "FlexTokEncode": ["FLEXTOK_TOKENS"],
+                       "FlexTokTruncate": ["FLEXTOK_TOKENS"], "FlexTokDecode": ["IMAGE"],
+                       "FlexTokCoarseToFine": ["IMAGE", "IMAGE"], "FlexTokSaveTokens": [],
+                       "FlexTokLoadTokens": ["FLEXTOK_TOKENS"], "FlexTokARGenerate": ["FLEXTOK_TOKENS"]}
+
+
+def test_example_workflows_served(srv):
+    status, templates = srv.get("/api/workflow_templates")
+    assert status == 200 and sorted(templates[PACK]) == ["flextok_ar_generate", "flextok_reconstruct"]
+    status, body = srv.get(f"/api/workflow_templates/{PACK}/flextok_reconstruct.json")
+    assert status == 200 and body["nodes"]
+
+
+def test_reconstruct_example(srv, info, base, golden_pipe):
+    prompt = ui_to_api(json.loads(RECONSTRUCT.read_text()), info)
+    kinds = {nid: n["class_type"] for nid, n in prompt.items()}
+    assert sorted(kinds.values()) == sorted(["LoadImage", "FlexTokLoad", "FlexTokEncode", "FlexTokCoarseToFine",
+                                             "SaveImage", "PreviewImage", "FlexTokTruncate", "FlexTokDecode",
+                                             "SaveImage", "FlexTokSaveTokens"])
+    by_kind = {v: k for k, v in kinds.items()}
+    c2f, dec = by_kind["FlexTokCoarseToFine"], by_kind["FlexTokDecode"]
+    ks = [int(k) for k in prompt[c2f]["inputs"]["k_values"].split(",")]
+    steps = prompt[dec]["inputs"]["steps"]
+    k_trunc = prompt[by_kind["FlexTokTruncate"]]["inputs"]["k"]
+    run = run_ok(srv, prompt)
+
+    # outputs: one frame per k, a strip, the decoded image, the token file
+    out = run.outputs
+    saves = [nid for nid, k in kinds.items() if k == "SaveImage"]
+    frames_node = next(n for n in saves if prompt[n]["inputs"]["images"][0] == c2f)
+    single_node = next(n for n in saves if n != frames_node)
+    frames = [Path(base, i["type"], i["subfolder"], i["filename"]) for i in out[frames_node]["images"]]
+    assert len(frames) == len(ks) and all(PIL.Image.open(f).size == (128, 128) for f in frames)
+    strip = out[by_kind["PreviewImage"]]["images"]
+    assert len(strip) == 1 and strip[0]["type"] == "temp"
+    assert PIL.Image.open(Path(base, "temp", strip[0]["subfolder"], strip[0]["filename"])).size == (128 * len(ks), 128)
+    single = out[single_node]["images"]
+    assert len(single) == 1
+    decoded = load_image01(Path(base, "output", single[0]["subfolder"], single[0]["filename"]))
+    assert decoded.shape == (128, 128, 3)
+    saved = out[by_kind["FlexTokSaveTokens"]]["flextok_tokens"][0]
+    tokens = core.load_tokens(str(Path(base, "output", saved["subfolder"], saved["filename"])))
+    assert tokens.ids.shape == (1, k_trunc) and tokens.image_size == (128, 128)
+    assert tokens.model_id == core.model_identity(golden_pipe) and tokens.model_name == "flextok_tiny"
+
+    # the nodes compute what the pipeline computes: same tokens, same image
+    x = core.fit_images(load_image01(base / "input" / "example.png")[None], (128, 128), "center_crop")
+    ref_ids = golden_pipe.tokenize(x * 2 - 1, generator=torch.Generator().manual_seed(0))
+    assert tokens.ids.tolist() == ref_ids[:, :k_trunc].tolist()
+    ref = golden_pipe.detokenize(ref_ids[:, :k_trunc], num_inference_steps=steps, guidance_scale=7.5, use_apg=True,
+                                 generator=[torch.Generator().manual_seed(0)], output_type="pt").images
+    assert (decoded - ref[0].permute(1, 2, 0)).abs().max() < 3 / 255
+    # Coarse-to-Fine's k=k_trunc frame is the same decode (same noise per image); compare below its label
+    frame = load_image01(frames[ks.index(k_trunc)])
+    assert (frame[32:] - decoded[32:]).abs().mean() < 2 / 255
+
+    # progress over the websocket: one message per sampling step, for each sampling node
+    for node in (dec, c2f):
+        values = [(d["value"], d["max"]) for d in run.of_type("progress") if d["node"] == node]
+        assert values == [(i, steps) for i in range(1, steps + 1)], (node, values)
+
+
+def test_tokens_load_round_trip(srv, base):
+    files = sorted((base / "output" / "flextok").glob("tokens_*.safetensors"))
+    if not files:
+        run_ok(srv, {**encode_graph(), "t": {"class_type": "FlexTokTruncate", "inputs": {"tokens": ["enc", 0], "k": 8}},
+                     "s": {"class_type": "FlexTokSaveTokens", "inputs": {"tokens": ["t", 0],
+                                                                          "filename_prefix": "flextok/tokens"}}})
+        files = sorted((base / "output" / "flextok").glob("tokens_*.safetensors"))
+    name = f"flextok/{files[0].name} [output]"
+    assert name in token_file_options(srv)
+    shutil.copy(files[0], base / "input" / "mine.safetensors")
+    options = token_file_options(srv)
+    assert "mine.safetensors" in options and "not_tokens.safetensors" not in options
+    prompt = {
+        "m": encode_graph()["m"],
+        "lt": {"class_type": "FlexTokLoadTokens", "inputs": {"tokens_file": "mine.safetensors"}},
+        "d": decode_node(["m", 0], ["lt", 0], steps=2, seed=5),
+        "s": save_node(["d", 0], "roundtrip"),
+    }
+    run = run_ok(srv, prompt)
+    assert len(run.output_files()) == 1 and PIL.Image.open(run.output_files()[0]).size == (128, 128)
+
+
+def test_same_weights_in_diffusers_format_decode_the_tokens(srv):
+    """Official and diffusers folders of the same weights share the identity; from_pretrained works in ComfyUI."""
+    prompt = {**encode_graph("flextok_tiny"),
+              "m2": {"class_type": "FlexTokLoad", "inputs": {"model_name": "flextok_tiny_diffusers",
+                                                              "device": "cpu", "dtype": "fp32"}},
+              "d": decode_node(["m2", 0], ["enc", 0], steps=2, seed=1), "s": save_node(["d", 0], "diffusers")}
+    run = run_ok(srv, prompt)
+    assert len(run.output_files()) == 1
+
+
+def test_validation_errors(srv):
+    """Bad widget values are refused by /prompt (400) with a message naming the input."""
+    g = {**encode_graph(), "t": {"class_type": "FlexTokTruncate", "inputs": {"tokens": ["enc", 0], "k": 0}},
+         "d": decode_node(["m", 0], ["t", 0]), "s": save_node(["d", 0], "bad")}
+    errs = queue_invalid(srv, g)
+    assert any(e["type"] == "value_smaller_than_min" and e["details"].startswith("k") and e["node"] == "t"
+               for e in errs), errs
+
+    # ComfyUI 0.3.75 does not check V3 dropdown values itself (value_not_in_list is V1 only): the nodes do
+    g = {**encode_graph(model="no_such_model"), "d": decode_node(["m", 0], ["enc", 0]), "s": save_node(["d", 0], "bad")}
+    errs = queue_invalid(srv, g)
+    assert any(e["type"] == "custom_validation_failed" and e["node"] == "m" and "'no_such_model' is not a FlexTok model"
+               in e["details"] and "flextok_tiny" in e["details"] for e in errs), errs
+
+    g = {**encode_graph(fit="squash"), "d": decode_node(["m", 0], ["enc", 0]), "s": save_node(["d", 0], "bad")}
+    errs = queue_invalid(srv, g)
+    assert any(e["type"] == "custom_validation_failed" and "fit: 'squash'" in e["details"] for e in errs), errs
+
+    g = {**encode_graph(), "d": decode_node(["m", 0], ["enc", 0], steps=0), "s": save_node(["d", 0], "bad")}
+    errs = queue_invalid(srv, g)
+    assert any(e["type"] == "value_smaller_than_min" and e["details"] == "steps" for e in errs), errs
+
+    g = {**encode_graph(), "c": {"class_type": "FlexTokCoarseToFine", "inputs": {
+        "flextok_model": ["m", 0], "tokens": ["enc", 0], "k_values": "0,4", "steps": 2, "guidance_scale": 7.5,
+        "use_apg": True, "seed": 0, "label": True}}, "s": save_node(["c", 0], "bad")}
+    errs = queue_invalid(srv, g)
+    assert any(e["type"] == "custom_validation_failed" and "k=0 is too small" in e["details"] for e in errs), errs
+    g["c"]["inputs"].update(k_values="1,4", steps=0)  # validate_inputs must not switch off the min/max checks
+    errs = queue_invalid(srv, g)
+    assert any(e["type"] == "value_smaller_than_min" and e["details"] == "steps" for e in errs), errs
+
+    g = {"lt": {"class_type": "FlexTokLoadTokens", "inputs": {"tokens_file": "not_tokens.safetensors"}},
+         **encode_graph(), "d": decode_node(["m", 0], ["lt", 0]), "s": save_node(["d", 0], "bad")}
+    errs = queue_invalid(srv, g)
+    assert any(e["type"] == "custom_validation_failed" and e["node"] == "lt" and "not a FlexTok token file"
+               in e["details"] for e in errs), errs
+
+
+def test_execution_errors_are_clear_and_server_survives(srv):
+    g = {**encode_graph(), "t": {"class_type": "FlexTokTruncate", "inputs": {"tokens": ["enc", 0], "k": 64}},
+         "d": decode_node(["m", 0], ["t", 0]), "s": save_node(["d", 0], "bad")}
+    err = run_error(srv, g)
+    assert err["node_type"] == "FlexTokTruncate"
+    assert "k=64 is more than the 32 tokens" in err["exception_message"], err["exception_message"]
+
+    g = {**encode_graph(), "c": {"class_type": "FlexTokCoarseToFine", "inputs": {
+        "flextok_model": ["m", 0], "tokens": ["enc", 0], "k_values": "1,64", "steps": 2, "guidance_scale": 7.5,
+        "use_apg": True, "seed": 0, "label": True}}, "s": save_node(["c", 0], "bad")}
+    err = run_error(srv, g)
+    assert "k=64 is more than this model's N=32" in err["exception_message"], err["exception_message"]
+
+    g = {**encode_graph(fit="none"), "d": decode_node(["m", 0], ["enc", 0]), "s": save_node(["d", 0], "bad")}
+    err = run_error(srv, g)
+    assert err["node_type"] == "FlexTokEncode"
+    assert "96x160" in err["exception_message"] and "multiples of 16" in err["exception_message"]
+
+    g = {**encode_graph(), "m2": {"class_type": "FlexTokLoad", "inputs": {"model_name": "other/flextok_other",
+                                                                           "device": "default", "dtype": "auto"}},
+         "d": decode_node(["m2", 0], ["enc", 0]), "s": save_node(["d", 0], "bad")}
+    err = run_error(srv, g)
+    assert err["node_type"] == "FlexTokDecode"
+    msg = err["exception_message"]
+    assert "another FlexTok model" in msg and "'flextok_tiny'" in msg and "'other/flextok_other'" in msg, msg
+
+    g = {**encode_graph(), "ar": {"class_type": "FlexTokARGenerate", "inputs": {
+        "flextok_model": ["m", 0], "class_label": "1", "prompt": "", "num_tokens": 8, "ar_guidance_scale": 5.0,
+        "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0, "batch_size": 1}},
+         "d": decode_node(["m", 0], ["ar", 0]), "s": save_node(["d", 0], "bad")}
+    err = run_error(srv, g)
+    assert err["node_type"] == "FlexTokARGenerate" and "has no AR model" in err["exception_message"]
+
+    # still serving, and a good run after the failures works
+    assert srv.get("/system_stats")[0] == 200
+    run_ok(srv, {**encode_graph(), "d": decode_node(["m", 0], ["enc", 0], steps=2, seed=11),
+                 "s": save_node(["d", 0], "after_errors")})
+
+
+def _make_tiny_ar_folder(dest: Path) -> None:
+    """A diffusers-format folder: the golden tokenizer plus a tiny random class-conditional AR model."""
+    from flextok_kit.flextok_core.ar import FlexTokAR
+    pipe = FlexTokPipeline.from_official(str(GOLDEN))
+    torch.manual_seed(0)
+    ar = FlexTokAR.from_preset("tiny", num_classes=10, max_tokens=32, id2label={i: f"class_{i}" for i in range(10)})
+    FlexTokPipeline(vae=pipe.vae, flextok=pipe.flextok, scheduler=pipe.scheduler,
+                    ar_model=ar.eval()).save_pretrained(dest)
+
+
+@pytest.mark.skipif(not HAS_AR_BACKEND, reason="the AR backend (FlexTokPipeline.generate_tokens and "
+                                               "flextok_core.FlexTokAR, which model_index.json names) is not there yet")
+def test_ar_generate_example(srv, base):
+    _make_tiny_ar_folder(base / "models" / "flextok" / "flextok_tiny_ar")
+    info = srv.object_info()
+    prompt = ui_to_api(json.loads(AR_EXAMPLE.read_text()), info)
+    ar = next(nid for nid, n in prompt.items() if n["class_type"] == "FlexTokARGenerate")
+    k, b = prompt[ar]["inputs"]["num_tokens"], prompt[ar]["inputs"]["batch_size"]
+    run = run_ok(srv, prompt)
+    saved = next(o["flextok_tokens"][0] for o in run.outputs.values() if "flextok_tokens" in o)
+    tokens = core.load_tokens(str(Path(base, "output", saved["subfolder"], saved["filename"])))
+    assert tokens.ids.shape == (b, k) and 0 <= int(tokens.ids.min()) and int(tokens.ids.max()) < 64000
+    assert tokens.model_name == "flextok_tiny_ar" and tokens.image_size == (128, 128)
+    images = [p for p in run.output_files(kinds=("output",)) if p.suffix == ".png"]
+    assert len(images) == b and all(PIL.Image.open(p).size == (128, 128) for p in images)
+
+    # a class name, through the AR config's id2label; and the node's own checks
+    def ar_graph(**over):
+        inputs = dict(prompt[ar]["inputs"], flextok_model=["m", 0], **over)
+        return {"m": {"class_type": "FlexTokLoad", "inputs": {"model_name": "flextok_tiny_ar", "device": "default",
+                                                               "dtype": "auto"}},
+                "ar": {"class_type": "FlexTokARGenerate", "inputs": inputs},
+                "s": {"class_type": "FlexTokSaveTokens", "inputs": {"tokens": ["ar", 0],
+                                                                     "filename_prefix": "flextok/ar_named"}}}
+    run_ok(srv, ar_graph(class_label="class_3", num_tokens=4, batch_size=1))
+    assert "out of range" in run_error(srv, ar_graph(class_label="10"))["exception_message"]
+    assert "class_x" in run_error(srv, ar_graph(class_label="class_x"))["exception_message"]
+    assert "use 1..32" in run_error(srv, ar_graph(num_tokens=33))["exception_message"]
+
+
+def _browser_available() -> str | None:
+    if not Path("/usr/bin/chromium").exists():
+        return "Debian chromium is not installed (.ci/comfyui.sh --with-browser)"
+    res = subprocess.run([str(COMFY_PY), "-c", "import playwright"], capture_output=True)
+    if res.returncode != 0:
+        return "playwright is not installed in ComfyUI's env (.ci/comfyui.sh --with-browser)"
+    return None
+
+
+def test_browser_frontend_loads_and_runs_the_examples(srv, info, tmp_path):
+    reason = _browser_available()
+    if reason:
+        _unavailable(reason)
+    shot = tmp_path / "comfyui_workflow.png"
+    cmd = [str(COMFY_PY), str(ROOT / "tests" / "browser_check.py"), "--url", srv.url, "--expect", *NODE_IDS,
+           "--workflow", str(AR_EXAMPLE), "--workflow", str(RECONSTRUCT), "--run", "--screenshot", str(shot)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    assert report["missing"] == [] and set(report["categories"].values()) == {"FlexTok"}
+    for path in (AR_EXAMPLE, RECONSTRUCT):
+        wf = report["workflows"][str(path)]
+        assert wf["unknown"] == [], wf["unknown"]
+        # the frontend turns the workflow into the same prompt as the tests' converter
+        made = {nid: {k: v for k, v in node.items() if k != "_meta"} for nid, node in wf["prompt"].items()}
+        assert made == ui_to_api(json.loads(path.read_text()), info), path.name
+    run = report["run"]  # the reconstruct example, queued by the frontend like the Run button
+    assert run["status"] == "success" and "execution_success" in run["messages"], run
+    saves = [str(n["id"]) for n in json.loads(RECONSTRUCT.read_text())["nodes"]
+             if n["type"] in ("SaveImage", "PreviewImage")]
+    assert set(saves) <= set(run["outputs"]), run
+    assert report["page_errors"] == [], report["page_errors"]
+    assert PIL.Image.open(shot).size[0] >= 1200
+    if os.environ.get("FLEXTOK_UPDATE_SCREENSHOT") == "1":
+        (ROOT / "docs").mkdir(exist_ok=True)
+        shutil.copy(shot, ROOT / "docs" / "comfyui_workflow.png")
+
+
+# last: /free clears ComfyUI's cache, which the browser test's run of the reconstruct example reuses
+def test_interrupt_and_free(srv):
+    """/interrupt stops a long decode between steps; /free unloads the model and the next run loads it again."""
+    g = {**encode_graph(), "d": decode_node(["m", 0], ["enc", 0], steps=1000, seed=123),
+         "s": save_node(["d", 0], "int")}
+    client_id = str(uuid.uuid4())
+    ws = srv.connect_ws(client_id, timeout=120)
+    try:
+        status, body = srv.queue(g, client_id)
+        assert status == 200, body
+        pid, seen, interrupted_at = body["prompt_id"], [], None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            raw = ws.recv()
+            if isinstance(raw, bytes):
+                continue
+            msg = json.loads(raw)
+            data = msg.get("data") or {}
+            seen.append(msg.get("type"))
+            if msg.get("type") == "progress" and data.get("node") == "d" and interrupted_at is None:
+                interrupted_at = data["value"]
+                srv.interrupt()
+            if msg.get("type") in ("execution_success", "execution_error", "execution_interrupted") \
+                    and data.get("prompt_id") == pid:
+                break
+    finally:
+        ws.close()
+    assert seen[-1] == "execution_interrupted", seen[-10:]
+    assert interrupted_at is not None and interrupted_at < 1000
+    srv.free()
+    time.sleep(1.0)
+    run_ok(srv, {**encode_graph(), "d": decode_node(["m", 0], ["enc", 0], steps=2, seed=7),
+                 "s": save_node(["d", 0], "after_free")})
+    log = srv.log_path.read_text(errors="replace")
+    assert log.count("Requested to load FlexTokModules") >= 2, "the model did not go through load_models_gpu again"
