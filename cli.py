@@ -1,8 +1,9 @@
-"""The ``flextok`` command line: convert, tokenize, reconstruct, info.
+"""The ``flextok`` command line: convert, tokenize, reconstruct, generate, info.
 
     flextok convert EPFL-VILAB/flextok_d18_d18_in1k out/flextok_d18_d18
     flextok tokenize photos/ --model out/flextok_d18_d18 --out tokens.safetensors
     flextok reconstruct photo.jpg --model out/flextok_d18_d18 --tokens 1 4 16 64 256 --out grid.png
+    flextok generate --model my_ar_pipeline --class 207 --class "tabby cat" --num-tokens 16 64 --out samples.png
     flextok info out/flextok_d18_d18
 """
 from __future__ import annotations
@@ -222,6 +223,53 @@ def cmd_reconstruct(args):
     print(f"wrote {args.out} ({len(rows)} image(s) x {len(ks)} token budgets)")
 
 
+def cmd_generate(args):
+    import torch
+    from safetensors.torch import save_file
+
+    from .pipelines.image_grid import labelled_grid, save_image_atomic
+
+    pipe = load_pipeline(args)
+    if pipe.ar_model is None:
+        raise CLIError(f"{args.model} has no AR model: it can reconstruct images, not generate them")
+    if bool(args.classes) == bool(args.prompts):
+        raise CLIError("pass --class (ids or names) or --prompt, not both and not neither")
+    conditions = args.classes or args.prompts
+    if args.classes:
+        conditions = [int(c) if c.lstrip("-").isdigit() else c for c in args.classes]
+    ks = sorted(set(args.num_tokens))
+    rows, labels = [], []
+    generator = torch.Generator().manual_seed(args.seed)
+    try:
+        ids = pipe.generate_tokens(class_labels=conditions if args.classes else None,
+                                   prompt=conditions if args.prompts else None, num_tokens=max(ks),
+                                   ar_guidance_scale=args.ar_guidance, ar_guidance_schedule=args.ar_guidance_schedule,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                   num_images_per_prompt=args.images_per_condition, generator=generator)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    # every prefix of each sample, decoded in one batch with one shared noise per sample
+    size = args.size or pipe.default_image_size[0]
+    noise = pipe.prepare_latents(ids.shape[0], size, size, torch.float32, pipe._execution_device, generator)
+    sequences = [ids[i, :k] for i in range(ids.shape[0]) for k in ks]
+    images = pipe.detokenize(sequences, latents=noise.repeat_interleave(len(ks), dim=0), height=size, width=size,
+                             num_inference_steps=args.steps, guidance_scale=args.guidance, use_apg=not args.no_apg,
+                             decode_batch_size=args.decode_batch_size).images
+    per = args.images_per_condition
+    for c, cond in enumerate(conditions):
+        for k_index, k in enumerate(ks):
+            rows.append([images[(c * per + j) * len(ks) + k_index] for j in range(per)])
+            labels.append(f"{cond} @{k}")
+    grid = labelled_grid(rows, [f"sample {j + 1}" for j in range(per)], row_labels=labels)
+    save_image_atomic(grid, args.out)
+    if args.save_tokens:
+        meta = {"format": "flextok-tokens/1", "model": str(args.model), "fingerprint": pipe.fingerprint,
+                "conditions": json.dumps([str(c) for c in conditions for _ in range(per)])}
+        write_atomic(Path(args.save_tokens), lambda tmp: save_file({"ids": ids.cpu().to(torch.int32)}, tmp,
+                                                                   metadata=meta))
+    print(f"wrote {args.out} ({len(conditions)} condition(s) x {per} sample(s) at {ks} tokens)")
+
+
 def describe(pipe, source: str) -> dict:
     cfg = pipe.flextok.config
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -307,6 +355,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-apg", action="store_true", help="plain classifier-free guidance instead of APG")
     p.add_argument("--decode-batch-size", type=int, default=16)
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("generate", help="sample images from classes or prompts with the AR model")
+    model_options(p)
+    p.add_argument("--class", dest="classes", action="append", help="class id or name (repeatable)")
+    p.add_argument("--prompt", dest="prompts", action="append", help="text prompt (repeatable)")
+    p.add_argument("--num-tokens", type=int, nargs="+", default=[32],
+                   help="token budget(s); several give one row per budget from the same samples")
+    p.add_argument("--images-per-condition", type=int, default=4)
+    p.add_argument("--ar-guidance", type=float, default=4.0)
+    p.add_argument("--ar-guidance-schedule", choices=["constant", "linear"], default="constant")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5, help="decoder guidance")
+    p.add_argument("--no-apg", action="store_true")
+    p.add_argument("--size", type=int, help="image size (default: the model's largest)")
+    p.add_argument("--decode-batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png")
+    p.add_argument("--save-tokens", help="also write the sampled ids to this .safetensors file")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="describe a model")
     p.add_argument("model", help="our diffusers folder, an official FlexTok folder, or a hub id")

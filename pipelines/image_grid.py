@@ -9,19 +9,25 @@ import PIL.ImageDraw
 
 
 def labelled_grid(rows: list[list[PIL.Image.Image]], column_labels: list[str], pad: int = 4,
-                  label_height: int = 14) -> PIL.Image.Image:
-    """rows[r][c] images of one size -> one image with a label above each column."""
+                  label_height: int = 14, row_labels: list[str] | None = None) -> PIL.Image.Image:
+    """rows[r][c] images of one size -> one image with a label above each column (and left of each row)."""
     if not rows or not rows[0]:
         raise ValueError("labelled_grid needs at least one image")
     w, h = rows[0][0].size
     cols = len(rows[0])
-    grid = PIL.Image.new("RGB", (cols * (w + pad) + pad, len(rows) * (h + pad) + pad + label_height), "white")
+    draw_probe = PIL.ImageDraw.Draw(PIL.Image.new("RGB", (1, 1)))
+    left = max((draw_probe.textlength(t) for t in row_labels), default=0) + pad if row_labels else 0
+    left = int(left)
+    grid = PIL.Image.new("RGB", (left + cols * (w + pad) + pad, len(rows) * (h + pad) + pad + label_height), "white")
     draw = PIL.ImageDraw.Draw(grid)
     for c, label in enumerate(column_labels):
-        draw.text((pad + c * (w + pad), 1), label, fill="black")
+        draw.text((left + pad + c * (w + pad), 1), label, fill="black")
     for r, row in enumerate(rows):
+        top = label_height + pad + r * (h + pad)
+        if row_labels:
+            draw.text((pad, top + h // 2 - 5), row_labels[r], fill="black")
         for c, im in enumerate(row):
-            grid.paste(im.convert("RGB"), (pad + c * (w + pad), label_height + pad + r * (h + pad)))
+            grid.paste(im.convert("RGB"), (left + pad + c * (w + pad), top))
     return grid
 
 

@@ -1,0 +1,299 @@
+"""Stage 2: train the autoregressive model (:class:`FlexTokAR`) on token shards from ``tokenize_dataset``.
+
+Class-conditional (labels from the shards) or caption-conditional (captions from the shards, encoded on the fly by
+a frozen text encoder: ``text.path`` = a ``transformers`` encoder folder or hub id, e.g. all-MiniLM-L6-v2 or a T5
+encoder; or ``text.encoder=package.module:factory``). Label / caption dropout for classifier-free guidance is the
+model's ``class_dropout_prob`` / ``text_dropout_prob``. AdamW betas (0.9, 0.95), weight decay 0.05.
+
+    accelerate launch -m flextok_kit.training.train_ar --config ar_tiny tokens=runs/tokens
+
+The export (``output_dir/export``) is the FlexTokAR folder (``FlexTokAR.from_pretrained``). With
+``export.pipeline=<tokenizer pipeline folder>`` a complete FlexTokPipeline with the AR model (and the text encoder)
+is also written to ``export.pipeline_dir`` (default ``output_dir/export_pipeline``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .config import load_config, parse_cli
+from .data import fixed_batch, make_loader
+from .loop import training_loop
+from .models import count_params, save_pretrained_atomic
+from .utils import (EMA, CheckpointManager, build_accelerator, build_adamw, init_run, logger, lr_at, merged_defaults,
+                    resolve_max_steps, set_lr)
+
+DEFAULTS = merged_defaults({
+    "output_dir": "runs/ar",
+    "tokens": None,                  # a tokenize_dataset output folder (or a list of folders)
+    "num_tokens": None,              # train on the first k tokens (default: all in the shards)
+    "condition": "class",            # class | caption
+    "data": {"batch_size": 32, "num_workers": 0, "shuffle": True},
+    "model": {},                     # FlexTokAR kwargs (free-form); "preset: ar-49m" picks a paper size
+    "text": {
+        "encoder": "hf",             # hf (AutoModel + AutoTokenizer from text.path) | package.module:factory
+        "path": None,
+        "max_length": 64,
+        "kwargs": {},
+        "dtype": "float32",
+    },
+    "optim": {"lr": 4.0e-4, "betas": [0.9, 0.95], "weight_decay": 0.05, "eps": 1.0e-8, "warmup_steps": 1000,
+              "schedule": "cosine", "min_lr_ratio": 0.01, "grad_clip": 1.0},
+    "ema": {"decay": 0.0, "warmup": True, "update_after_step": 0},
+    "export": {"dir": None, "use_ema": True, "pipeline": None, "pipeline_dir": None},
+})
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TokenDataset(Dataset):
+    """Rows of one or more tokenized folders: ``tokens`` (first ``num_tokens``, read row by row from the
+    memory-mapped shards, so ImageNet x 10 crops does not have to fit in RAM), ``label``, ``caption``."""
+
+    def __init__(self, folders, num_tokens: int | None = None):
+        from .shards import ShardReader
+
+        folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+        self.readers = [ShardReader(f) for f in folders]
+        ks = set()
+        for r in self.readers:
+            s, _ = r.locate(0)
+            ks.add(int(r._handle(s).get_slice("tokens").get_shape()[1]))
+        if len(ks) != 1:
+            raise ValueError(f"token folders hold different numbers of tokens per image: {sorted(ks)}")
+        k = ks.pop()
+        if num_tokens is not None and not 1 <= int(num_tokens) <= k:
+            raise ValueError(f"num_tokens must be in 1..{k} (the shards hold {k} tokens per image), got {num_tokens}")
+        self.num_tokens = int(num_tokens or k)
+        self.offsets = np.cumsum([0] + [len(r) for r in self.readers])
+        self.labels = torch.cat([r.load_all("label") for r in self.readers]).long()
+        self.captions = sum((r.json_column("captions") for r in self.readers), [])
+        self.settings = self.readers[0].index.get("settings", {})
+        for r in self.readers:  # opened lazily again in each process / worker
+            r._handles.clear()
+        if self.offsets[-1] == 0:
+            raise ValueError(f"no tokens in {folders}")
+
+    @property
+    def classes(self) -> list:
+        return list(self.settings.get("classes") or [])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.settings.get("num_classes") or 0) or int(self.labels.max()) + 1
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key) -> dict:
+        i = int(key[0]) if isinstance(key, (tuple, list)) else int(key)
+        f = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        row = self.readers[f].get("tokens", i - int(self.offsets[f]))[: self.num_tokens]
+        tokens = row.to(torch.int32).long() if row.dtype == torch.uint16 else row.long()
+        return {"tokens": tokens, "label": int(self.labels[i]), "caption": self.captions[i] or "", "index": i}
+
+
+def collate_tokens(items: list[dict]) -> dict:
+    return {"tokens": torch.stack([it["tokens"] for it in items]),
+            "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+            "caption": [it["caption"] for it in items]}
+
+
+class ARTrainModule(nn.Module):
+    """One ``forward`` for DDP/FSDP: tokens + condition -> mean next-token cross-entropy."""
+
+    def __init__(self, ar):
+        super().__init__()
+        self.ar = ar
+
+    def forward(self, tokens, class_labels=None, text_states=None, text_mask=None, null_condition_mask=None):
+        return self.ar.loss(tokens, class_labels=class_labels, text_states=text_states, text_mask=text_mask,
+                            null_condition_mask=null_condition_mask)
+
+
+class HFTextEncoder(nn.Module):
+    """Frozen ``transformers`` text encoder: captions -> (hidden states ``[B,S,D]``, mask ``[B,S]``)."""
+
+    def __init__(self, path: str, max_length: int = 64, torch_dtype=None):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, **({"dtype": torch_dtype} if torch_dtype is not None else {}))
+        if getattr(model.config, "is_encoder_decoder", False):
+            model = model.get_encoder()
+        self.model = model.eval().requires_grad_(False)
+        self.max_length = int(max_length)
+        self.feature_dim = int(getattr(model.config, "hidden_size", None) or model.config.d_model)
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]):
+        device = next(self.model.parameters()).device
+        b = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_length,
+                           return_tensors="pt").to(device)
+        h = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        return h.float(), b["attention_mask"].bool()
+
+
+def build_text_encoder(tc):
+    if tc.encoder == "hf":
+        if not tc.path:
+            raise ValueError("condition=caption needs text.path (a transformers encoder folder or hub id)")
+        return HFTextEncoder(tc.path, int(tc.max_length), DTYPES[tc.dtype])
+    from .losses import import_object
+
+    enc = import_object(tc.encoder)(**dict(tc.kwargs or {}))
+    if not hasattr(enc, "feature_dim"):
+        raise ValueError("a custom text encoder must have a feature_dim attribute")
+    return enc
+
+
+def build_ar(cfg, dataset, text_dim: int):
+    from ..flextok_core.ar import FlexTokAR
+
+    mk = dict(cfg.model)
+    preset = mk.pop("preset", None)
+    mk.setdefault("max_tokens", dataset.num_tokens)
+    if cfg.condition == "class":
+        mk.setdefault("num_classes", dataset.num_classes)
+        mk.setdefault("text_dim", 0)
+        if dataset.classes and "id2label" not in mk:
+            mk["id2label"] = {str(i): c for i, c in enumerate(dataset.classes)}
+    elif cfg.condition == "caption":
+        mk["num_classes"] = 0
+        mk.setdefault("text_dim", text_dim)
+    else:
+        raise ValueError(f"condition must be class or caption, got {cfg.condition!r}")
+    if "vocab_size" not in mk and dataset.settings.get("vocab_size"):
+        mk["vocab_size"] = int(dataset.settings["vocab_size"])
+    return FlexTokAR.from_preset(preset, **mk) if preset else FlexTokAR(**mk)
+
+
+def main(argv=None, cfg=None):
+    if cfg is None:
+        path, overrides = parse_cli(argv, __doc__)
+        cfg = load_config(path, overrides, DEFAULTS)
+    from accelerate.utils import set_seed
+
+    accelerator = build_accelerator(cfg)
+    init_run(accelerator, cfg, "train_ar")
+    set_seed(int(cfg.seed))
+    if not cfg.tokens:
+        raise ValueError("tokens=... is required (a tokenize_dataset output folder)")
+    device = accelerator.device
+    dataset = TokenDataset(cfg.tokens, cfg.num_tokens)
+    text = None
+    if cfg.condition == "caption":
+        text = build_text_encoder(cfg.text).to(device)
+    elif int(dataset.labels.min()) < 0:
+        raise ValueError("condition=class but some token rows have no label (-1); tokenize a labelled dataset or "
+                         "use condition=caption")
+    ar = build_ar(cfg, dataset, text.feature_dim if text is not None else 0)
+    if cfg.condition == "class" and int(dataset.labels.max()) >= ar.config.num_classes:
+        raise ValueError(f"labels go up to {int(dataset.labels.max())} but model.num_classes is "
+                         f"{ar.config.num_classes}")
+    logger.info("FlexTokAR: %.2fM parameters, %d tokens, %s-conditional, %d rows", count_params(ar) / 1e6,
+                dataset.num_tokens, cfg.condition, len(dataset))
+    module = ARTrainModule(ar.train())
+    loader = make_loader(dataset, int(cfg.data.batch_size), int(cfg.seed), bool(cfg.data.shuffle),
+                         int(cfg.data.num_workers), collate_fn=collate_tokens)
+    optimizer = build_adamw(module.named_parameters(), cfg.optim)
+    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    raw = accelerator.unwrap_model(module)
+    emas, ema, per_rank = [], None, {}
+    if float(cfg.ema.decay) > 0:
+        ema = EMA(raw.ar.parameters(), float(cfg.ema.decay), bool(cfg.ema.warmup), int(cfg.ema.update_after_step))
+        ema.to(device)
+        emas.append((ema, raw.ar.parameters))
+        if accelerator.distributed_type.name == "FSDP":
+            per_rank["ema"] = ema
+        else:
+            accelerator.register_for_checkpointing(ema)
+    set_seed(int(cfg.seed), device_specific=True)
+    ckpt = CheckpointManager(accelerator, cfg.output_dir, int(cfg.keep_last), per_rank=per_rank)
+    oc = cfg.optim
+    total = resolve_max_steps(cfg, loader)
+
+    def condition(batch):
+        if text is not None:
+            states, mask = text(batch["caption"])
+            return {"text_states": states, "text_mask": mask}
+        return {"class_labels": batch["label"].to(device)}
+
+    def train_step(batch, state):
+        out = {}
+        cond = condition(batch)
+        with accelerator.accumulate(module):
+            with accelerator.autocast():
+                loss = module(batch["tokens"].to(device), **cond)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                if oc.grad_clip:
+                    out["grad_norm"] = accelerator.clip_grad_norm_(module.parameters(), float(oc.grad_clip))
+                lr = lr_at(state.step, float(oc.lr), int(oc.warmup_steps), total, oc.schedule, float(oc.min_lr_ratio))
+                set_lr(optimizer, lr)
+                out["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        out["loss"] = loss.detach()
+        return out
+
+    fixed = fixed_batch(dataset, int(cfg.eval_batch_size), collate_fn=collate_tokens)
+
+    @torch.no_grad()
+    def evaluate():
+        module.eval()
+        tokens = fixed["tokens"].to(device)
+        cond = condition(fixed)
+        with accelerator.autocast():
+            loss = module(tokens, **cond)
+            null = torch.ones(len(tokens), dtype=torch.bool, device=device)
+            loss_null = module(tokens, null_condition_mask=null, **cond)
+        module.train()
+        return {"loss": float(loss), "loss_uncond": float(loss_null)}
+
+    def export(state):
+        out_dir = Path(cfg.export.dir or Path(cfg.output_dir) / "export")
+        params = list(raw.ar.parameters())
+        use_ema = ema is not None and cfg.export.use_ema
+        if use_ema:
+            ema.store(params)
+            ema.copy_to(params)
+        sd = {k: v.detach().cpu().clone() for k, v in accelerator.get_state_dict(module).items()}
+        if use_ema:
+            ema.restore(params)
+        if not accelerator.is_main_process:
+            return
+        from ..flextok_core.ar import FlexTokAR
+
+        model = FlexTokAR.from_config(raw.ar.config)
+        model.load_state_dict({k[len("ar."):]: v.detach().cpu().float() for k, v in sd.items() if k.startswith("ar.")})
+        model.eval()
+        save_pretrained_atomic(model, out_dir)
+        logger.info("exported FlexTokAR (%s weights) to %s", "EMA" if use_ema else "raw", out_dir)
+        if cfg.export.pipeline:
+            from ..pipelines import FlexTokPipeline
+
+            pipe = FlexTokPipeline.from_pretrained(cfg.export.pipeline)
+            extra = {}
+            if isinstance(text, HFTextEncoder):
+                extra = {"text_encoder": text.model.cpu(), "tokenizer": text.tokenizer}
+            full = FlexTokPipeline(vae=pipe.vae, flextok=pipe.flextok, scheduler=pipe.scheduler, ar_model=model,
+                                   **extra)
+            pdir = Path(cfg.export.pipeline_dir or Path(cfg.output_dir) / "export_pipeline")
+            save_pretrained_atomic(full, pdir)
+            if text is not None:
+                text.to(device)
+            logger.info("exported FlexTokPipeline with the AR model to %s", pdir)
+
+    return training_loop(accelerator, cfg, loader, train_step, ckpt=ckpt, evaluate=evaluate, export=export,
+                         emas=emas, batch_size_of=lambda b: len(b["tokens"]), modules=[module])
+
+
+if __name__ == "__main__":
+    main()

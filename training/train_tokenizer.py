@@ -1,0 +1,421 @@
+"""Stage 1: train the FlexTok tokenizer (encoder + FSQ + rectified-flow decoder) on a frozen VAE.
+
+Per sample: VAE latents x0 -> encoder -> FSQ (straight-through) -> registers; nested dropout keeps the first k
+(``train.nested_dropout``: ``pow2`` = k uniform over {1, 2, 4, ..., N}, or ``uniform``); with probability
+``train.cfg_dropout`` the whole register sequence becomes the null condition (for classifier-free guidance);
+t ~ logit-normal (or uniform), x_t = t * noise + (1 - t) * x0, loss ||v - (noise - x0)||^2, plus REPA: an MLP
+projects the decoder's patch tokens after block ``repa.layer`` onto a frozen vision encoder's patch features
+(DINOv2 by default) with a cosine-similarity loss of weight ``repa.weight``.
+
+    accelerate launch -m flextok_kit.training.train_tokenizer --config tokenizer_tiny \
+        vae.path=runs/vae_tiny/export data.path=/data/images
+
+The export (``output_dir/export``) is a FlexTokPipeline folder (vae + flextok (EMA weights) + scheduler) that
+``FlexTokPipeline.from_pretrained`` loads. Latents can be precomputed once (``cache.enabled=true``): each image is
+encoded in ``cache.views`` deterministic crops, and the posterior (mean, logvar) is stored in safetensors shards.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from .config import load_config, parse_cli
+from .data import DATA_DEFAULTS, build_dataset, fixed_batch, is_streaming, keyed_loader, make_loader, to_float
+from .loop import training_loop
+from .losses import build_mlp, repa_loss, sample_keep_k, sample_timesteps
+from .models import build_flextok, count_params, load_vae, save_pretrained_atomic, vae_downsample
+from .repa import build_repa_target
+from .shards import ShardReader, fingerprint, run_sharded
+from .utils import (EMA, CheckpointManager, build_accelerator, build_adamw, init_run, logger, lr_at, merged_defaults,
+                    resolve_max_steps, set_lr)
+
+DEFAULTS = merged_defaults({
+    "output_dir": "runs/tokenizer",
+    "data": DATA_DEFAULTS,
+    "vae": {
+        "path": None,                # AutoencoderKL folder (stage 0 export), pipeline folder or hub id
+        "sample_posterior": True,    # train on posterior samples (as the release) or on the mean
+        "dtype": "float32",          # float32 | bfloat16 | float16 (the frozen VAE's weights)
+    },
+    "cache": {
+        "enabled": False,            # precompute VAE posteriors once (safetensors shards), then train from them
+        "dir": None,                 # default: output_dir/latent_cache
+        "views": 1,                  # deterministic crops per image (data.crop decides what a crop is)
+        "dtype": "float32",
+        "shard_size": 1024,
+        "batch_size": 32,
+    },
+    "model": {},                     # FlexTokModel kwargs (free-form); latent_channels/grid_size default from VAE/data
+    "init_from": None,               # start from a pipeline folder's flextok (or a FlexTokModel folder)
+    "train": {
+        "nested_dropout": "pow2",    # pow2 | uniform | none
+        "cfg_dropout": 0.1,          # probability of the null condition per sample
+        "timesteps": "logit_normal", # logit_normal | uniform
+        "t_mean": 0.0,
+        "t_std": 1.0,
+        "fast_registers": True,      # collapse runs of identical mask/null registers (exact; see decoder.py)
+        "gradient_checkpointing": False,
+    },
+    "repa": {
+        "encoder": "dinov2",         # dinov2 | effnet-lite0 | none | package.module:factory
+        "encoder_path": None,        # dinov2: a folder or hub id (default facebook/dinov2-large)
+        "encoder_kwargs": {},
+        "feature_dim": None,         # default: the encoder's feature_dim
+        "layer": 1,                  # decoder block (0-based) whose patch tokens are aligned (the release: 1)
+        "weight": 0.5,
+        "proj_dim": 2048,
+        "proj_layers": 3,
+    },
+    "optim": {"lr": 5.0e-4, "betas": [0.9, 0.99], "weight_decay": 0.05, "eps": 1.0e-8, "warmup_steps": 5000,
+              "schedule": "cosine", "min_lr_ratio": 0.0, "grad_clip": 1.0},
+    "ema": {"decay": 0.9999, "warmup": True, "update_after_step": 0},
+    "export": {"dir": None, "use_ema": True},
+})
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TokenizerTrainModule(nn.Module):
+    """FlexTok + REPA projector behind one ``forward`` (what DDP/FSDP wrap): latents -> losses."""
+
+    def __init__(self, flextok, projector: nn.Module | None, tcfg, repa_layer: int, repa_weight: float):
+        super().__init__()
+        self.flextok = flextok
+        self.projector = projector
+        self.nested_dropout = tcfg.nested_dropout
+        self.cfg_dropout = float(tcfg.cfg_dropout)
+        self.t_mode, self.t_mean, self.t_std = tcfg.timesteps, float(tcfg.t_mean), float(tcfg.t_std)
+        self.fast = bool(tcfg.fast_registers)
+        self.repa_layer = int(repa_layer)
+        self.repa_weight = float(repa_weight)
+
+    def forward(self, x0: torch.Tensor, repa_target: torch.Tensor | None = None, generator=None,
+                keep_k: torch.Tensor | None = None) -> dict:
+        model = self.flextok
+        b, dev = x0.shape[0], x0.device
+        n = model.config.num_registers
+        values = model.fsq.quantize(model.encoder(x0))  # [B, N, 6], straight-through
+        if keep_k is None:
+            keep_k = sample_keep_k(b, n, self.nested_dropout, device=dev, generator=generator)
+        null = torch.rand(b, device=dev, generator=generator) < self.cfg_dropout
+        registers = model.decoder.prepare_registers(values, keep_k, guidance=False, fast=self.fast,
+                                                    null_condition_mask=null)
+        t = sample_timesteps(b, self.t_mode, dev, generator, self.t_mean, self.t_std)
+        noise = torch.randn(x0.shape, device=dev, generator=generator, dtype=torch.float32)
+        tb = t.view(b, 1, 1, 1)
+        x_t = tb * noise + (1 - tb) * x0.float()
+        use_repa = self.projector is not None and repa_target is not None
+        if use_repa:
+            v, hidden = model(x_t, t, registers, hidden_layer=self.repa_layer)
+        else:
+            v = model(x_t, t, registers)
+        flow = F.mse_loss(v.float(), (noise - x0.float()))
+        out = {"flow": flow, "loss": flow}
+        if use_repa:
+            r = repa_loss(self.projector(hidden), repa_target)
+            out["repa"] = r
+            out["loss"] = flow + self.repa_weight * r
+        return out
+
+
+class CachedLatentDataset(Dataset):
+    """Rows of a latent cache grouped by image: item ``k`` at epoch ``e`` is one of image ``k``'s cached views,
+    picked with an RNG seeded by ``(seed, e, index)``. With ``images`` (the image dataset) the same crop's pixels are
+    returned too (for REPA targets)."""
+
+    def __init__(self, folder, seed: int, images=None):
+        self.reader = ShardReader(folder)
+        index = self.reader.load_all("index").long()
+        self.views = self.reader.load_all("view").long()
+        self.labels = self.reader.load_all("label").long()
+        order = torch.argsort(index * 100_000 + self.views, stable=True)
+        uniq, counts = torch.unique_consecutive(index[order], return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        self.keys = uniq.tolist()
+        self.groups = [order[s:s + c].tolist() for s, c in zip(starts.tolist(), counts.tolist())]
+        self.seed = int(seed)
+        self.images = images
+        self.classes = getattr(images, "classes", []) if images is not None else []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, key) -> dict:
+        k, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
+        i = self.keys[k]
+        rows = self.groups[k]
+        row = rows[int(np.random.default_rng([self.seed, epoch, i, 7]).integers(len(rows)))] if len(rows) > 1 \
+            else rows[0]
+        item = {"moments": self.reader.get("moments", row).float(), "label": int(self.labels[row]), "index": i,
+                "skipped": 0}
+        if self.images is not None:
+            img = self.images.try_load(i, int(self.views[row]))
+            if img is None:
+                raise RuntimeError(f"image {i} was readable when the cache was built but not now")
+            item["pixels"] = img["pixels"]
+        return item
+
+
+def collate_latents(items: list[dict]) -> dict:
+    out = {"moments": torch.stack([it["moments"] for it in items]),
+           "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+           "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+           "skipped": torch.zeros(len(items), dtype=torch.long)}
+    if "pixels" in items[0]:
+        out["pixels"] = torch.stack([it["pixels"] for it in items])
+    return out
+
+
+def activation_checkpointing(blocks) -> None:
+    """Recompute each block's activations in the backward pass (``torch.utils.checkpoint``, non-reentrant):
+    less memory for the big models, same gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        fwd = block.forward
+
+        def wrapped(*args, _fwd=fwd, **kwargs):
+            if not torch.is_grad_enabled():
+                return _fwd(*args, **kwargs)
+            return checkpoint(_fwd, *args, use_reentrant=False, **kwargs)
+
+        block.forward = wrapped
+
+
+def data_settings(cfg) -> dict:
+    d = cfg.data
+    return {k: d.get(k) for k in ("type", "path", "split", "hf_name", "resolution", "crop", "crop_scale", "crop_ratio",
+                                  "hflip", "max_items", "class_from_folder")}
+
+
+def build_latent_cache(accelerator, cfg, dataset, vae) -> Path:
+    """Encode ``cache.views`` crops of every image with the VAE and store (mean, logvar) in shards (resumable)."""
+    cc = cfg.cache
+    folder = Path(cc.dir or Path(cfg.output_dir) / "latent_cache")
+    views = int(cc.views)
+    dtype = DTYPES[cc.dtype]
+    settings = {"vae": str(cfg.vae.path), "vae_config": dict(vae.config), "data": data_settings(cfg), "views": views,
+                "seed": int(cfg.seed), "dtype": cc.dtype, "n": len(dataset)}
+    fp = fingerprint(settings)
+    device = accelerator.device
+
+    @torch.no_grad()
+    def process(start, end):
+        keys = [(j // views, j % views) for j in range(start, end)]
+        moments, index, view, label = [], [], [], []
+        for b in keyed_loader(dataset, keys, int(cc.batch_size), int(cfg.data.num_workers)):
+            if len(b["index"]) == 0:
+                continue
+            x = to_float(b["pixels"].to(device))
+            with accelerator.autocast():
+                m = vae.encode(x.to(vae.dtype)).latent_dist.parameters
+            moments.append(m.to(dtype).cpu())
+            index.append(b["index"])
+            view.append(b["view"])
+            label.append(b["label"])
+        if not moments:
+            raise RuntimeError(f"no readable image among items {start}..{end - 1}")
+        tensors = {"moments": torch.cat(moments), "index": torch.cat(index), "view": torch.cat(view),
+                   "label": torch.cat(label)}
+        return tensors, {"count": str(len(tensors["index"]))}
+
+    run_sharded(accelerator, folder, len(dataset) * views, int(cc.shard_size), fp, process, settings,
+                desc="latent cache")
+    return folder
+
+
+def main(argv=None, cfg=None, repa_encoder=None):
+    """``repa_encoder``: optional module or factory overriding ``repa.encoder`` (Python API)."""
+    if cfg is None:
+        path, overrides = parse_cli(argv, __doc__)
+        cfg = load_config(path, overrides, DEFAULTS)
+    from accelerate.utils import set_seed
+
+    from ..pipelines import FlexTokPipeline
+
+    accelerator = build_accelerator(cfg)
+    init_run(accelerator, cfg, "train_tokenizer")
+    set_seed(int(cfg.seed))
+    if not cfg.vae.path:
+        raise ValueError("vae.path is required (an AutoencoderKL folder such as train_vae's export, a pipeline "
+                         "folder, or a hub id)")
+    if not cfg.data.path:
+        raise ValueError("data.path is required")
+    device = accelerator.device
+
+    # frozen VAE
+    vae = load_vae(cfg.vae.path, torch_dtype=DTYPES[cfg.vae.dtype]).to(device).eval().requires_grad_(False)
+    sf = float(vae.config.scaling_factor)
+    down = vae_downsample(vae)
+
+    # model
+    mk = dict(cfg.model)
+    mk.setdefault("latent_channels", int(vae.config.latent_channels))
+    patch = int(mk.get("patch_size", 2))
+    res = int(cfg.data.resolution)
+    if res % (down * patch):
+        raise ValueError(f"data.resolution {res} must be a multiple of {down * patch} (VAE /{down} x patch {patch})")
+    grid = (res // (down * patch), res // (down * patch))
+    mk.setdefault("grid_size", list(grid))
+    mk.setdefault("sample_posterior", bool(cfg.vae.sample_posterior))
+    if cfg.init_from:
+        from ..flextok_core import FlexTokModel
+
+        p = Path(cfg.init_from)
+        sub = "flextok" if (p / "flextok").is_dir() else None
+        flextok = FlexTokModel.from_pretrained(str(p), subfolder=sub)
+    else:
+        flextok = build_flextok(mk)
+    if int(flextok.config.latent_channels) != int(vae.config.latent_channels):
+        raise ValueError(f"model.latent_channels {flextok.config.latent_channels} != VAE latent channels "
+                         f"{vae.config.latent_channels}")
+    tc = cfg.train
+
+    # REPA
+    rc = cfg.repa
+    repa = build_repa_target(rc, grid, encoder=repa_encoder) if (rc.encoder not in (None, "none") or repa_encoder) \
+        and float(rc.weight) > 0 else None
+    projector = None
+    if repa is not None:
+        repa.to(device)
+        if not 0 <= int(rc.layer) < int(flextok.config.decoder_depth):
+            raise ValueError(f"repa.layer must be in [0, {flextok.config.decoder_depth}), got {rc.layer}")
+        projector = build_mlp(int(flextok.config.decoder_dim), int(rc.proj_dim), repa.feature_dim,
+                              int(rc.proj_layers))
+    module = TokenizerTrainModule(flextok, projector, tc, int(rc.layer), float(rc.weight))
+    if tc.gradient_checkpointing:
+        activation_checkpointing([*flextok.encoder.blocks, *flextok.decoder.blocks])
+    logger.info("FlexTok: %.2fM parameters (encoder %.2fM, decoder %.2fM)%s", count_params(flextok) / 1e6,
+                count_params(flextok.encoder) / 1e6, count_params(flextok.decoder) / 1e6,
+                f"; REPA projector {count_params(projector) / 1e6:.2f}M" if projector is not None else "")
+
+    # data
+    images = build_dataset(cfg.data, seed=int(cfg.seed))
+    cached = bool(cfg.cache.enabled)
+    if cached:
+        if is_streaming(images):
+            raise ValueError("cache.enabled needs map-style data (not streaming)")
+        folder = build_latent_cache(accelerator, cfg, images, vae)
+        dataset = CachedLatentDataset(folder, int(cfg.seed), images if repa is not None else None)
+        collate_fn = collate_latents
+    else:
+        dataset, collate_fn = images, None
+    loader = make_loader(dataset, int(cfg.data.batch_size), int(cfg.seed), bool(cfg.data.shuffle),
+                         int(cfg.data.num_workers), collate_fn=collate_fn)
+
+    optimizer = build_adamw(module.named_parameters(), cfg.optim)
+    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    raw = accelerator.unwrap_model(module)
+    emas, ema = [], None
+    if float(cfg.ema.decay) > 0:
+        ema = EMA(raw.flextok.parameters(), float(cfg.ema.decay), bool(cfg.ema.warmup), int(cfg.ema.update_after_step))
+        ema.to(device)
+        emas.append((ema, raw.flextok.parameters))
+    per_rank = {}
+    if ema is not None:
+        if accelerator.distributed_type.name == "FSDP":
+            per_rank["ema"] = ema  # sharded: every rank saves its own part
+        else:
+            accelerator.register_for_checkpointing(ema)
+    set_seed(int(cfg.seed), device_specific=True)
+    ckpt = CheckpointManager(accelerator, cfg.output_dir, int(cfg.keep_last), per_rank=per_rank)
+    oc = cfg.optim
+    total = resolve_max_steps(cfg, loader)
+
+    @torch.no_grad()
+    def latents_of(batch, generator=None):
+        if "moments" in batch:
+            mean, logvar = batch["moments"].to(device).float().chunk(2, dim=1)
+            if cfg.vae.sample_posterior:
+                std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+                z = mean + std * torch.randn(mean.shape, device=device, generator=generator)
+            else:
+                z = mean
+            return z * sf
+        x = to_float(batch["pixels"].to(device))
+        with accelerator.autocast():
+            post = vae.encode(x.to(vae.dtype)).latent_dist
+            z = post.sample(generator=generator) if cfg.vae.sample_posterior else post.mode()
+        return z.float() * sf
+
+    @torch.no_grad()
+    def repa_of(batch):
+        if repa is None or "pixels" not in batch:
+            return None
+        with accelerator.autocast():
+            return repa(to_float(batch["pixels"].to(device)), grid_of(batch)).float()
+
+    def grid_of(batch):
+        if "moments" in batch:
+            h, w = batch["moments"].shape[-2:]
+        else:
+            h, w = (s // down for s in batch["pixels"].shape[-2:])
+        return h // patch, w // patch
+
+    def train_step(batch, state):
+        x0 = latents_of(batch)
+        target = repa_of(batch)
+        with accelerator.accumulate(module):
+            with accelerator.autocast():
+                out = module(x0, target)
+            accelerator.backward(out["loss"])
+            if accelerator.sync_gradients:
+                if oc.grad_clip:
+                    out["grad_norm"] = accelerator.clip_grad_norm_(module.parameters(), float(oc.grad_clip))
+                lr = lr_at(state.step, float(oc.lr), int(oc.warmup_steps), total, oc.schedule, float(oc.min_lr_ratio))
+                set_lr(optimizer, lr)
+                out["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}
+
+    fixed = fixed_batch(dataset, int(cfg.eval_batch_size), collate_fn=collate_fn)
+
+    @torch.no_grad()
+    def evaluate():
+        g = torch.Generator(device=device).manual_seed(1234)
+        x0 = latents_of(fixed, generator=g)
+        target = repa_of(fixed)
+        with accelerator.autocast():
+            out = module(x0, target, generator=g)
+            # flow loss with every token kept and with one token (nested dropout's two ends)
+            n = raw.flextok.config.num_registers
+            for k in sorted({1, n}):
+                g.manual_seed(99)
+                kk = torch.full((x0.shape[0],), k, device=device, dtype=torch.long)
+                out[f"flow_k{k}"] = module(x0, None, generator=g, keep_k=kk)["flow"]
+        return {k: float(v) for k, v in out.items()}
+
+    def export(state):
+        out_dir = Path(cfg.export.dir or Path(cfg.output_dir) / "export")
+        params = list(raw.flextok.parameters())
+        use_ema = ema is not None and cfg.export.use_ema
+        if use_ema:
+            ema.store(params)
+            ema.copy_to(params)
+        sd = {k: v.detach().cpu().clone() for k, v in accelerator.get_state_dict(module).items()}
+        if use_ema:
+            ema.restore(params)
+        if not accelerator.is_main_process:
+            return
+        from ..flextok_core import FlexTokModel
+
+        model = FlexTokModel.from_config(raw.flextok.config)
+        model.load_state_dict({k[len("flextok."):]: v.detach().cpu().float() for k, v in sd.items()
+                               if k.startswith("flextok.")})
+        pipe = FlexTokPipeline(vae=load_vae(cfg.vae.path).eval(), flextok=model.eval(),
+                               scheduler=FlexTokPipeline.default_scheduler())
+        save_pretrained_atomic(pipe, out_dir)
+        logger.info("exported FlexTokPipeline (%s weights) to %s", "EMA" if use_ema else "raw", out_dir)
+
+    return training_loop(accelerator, cfg, loader, train_step, ckpt=ckpt, evaluate=evaluate, export=export,
+                         emas=emas, batch_size_of=lambda b: len(b["index"]), modules=[module])
+
+
+if __name__ == "__main__":
+    main()
