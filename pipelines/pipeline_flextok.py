@@ -446,11 +446,9 @@ class FlexTokPipeline(DiffusionPipeline):
         labels = [class_labels] if isinstance(class_labels, (int, str)) else list(class_labels)
         if not labels:
             raise ValueError("class_labels is empty")
-        if all(isinstance(c, str) for c in labels):
-            return self.ar_model.class_ids(labels)
-        if any(isinstance(c, str) for c in labels):
-            raise ValueError("class_labels must be all ids or all names, not a mix")
-        return torch.as_tensor([int(c) for c in labels], dtype=torch.long)
+        names = [c for c in labels if isinstance(c, str)]
+        name_ids = iter(self.ar_model.class_ids(names).tolist()) if names else iter(())
+        return torch.as_tensor([next(name_ids) if isinstance(c, str) else int(c) for c in labels], dtype=torch.long)
 
     @torch.no_grad()
     def generate_tokens(
