@@ -25,7 +25,14 @@ from .official_format import (
     save_official, vae_state_dict,
 )
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """No autograd in this module's tests (scoped: a module-level switch would leak into other modules)."""
+    with torch.no_grad():
+        yield
+
 N = 12  # registers of the tiny model
 
 

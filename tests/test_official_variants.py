@@ -23,7 +23,14 @@ from .official_format import (
     write_official,
 )
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """No autograd in this module's tests (scoped: a module-level switch would leak into other modules)."""
+    with torch.no_grad():
+        yield
+
 EXACT = dict(rtol=0, atol=1e-6)
 
 

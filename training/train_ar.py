@@ -24,8 +24,8 @@ from .config import load_config, parse_cli
 from .data import fixed_batch, make_loader
 from .loop import training_loop
 from .models import count_params, save_pretrained_atomic
-from .utils import (EMA, CheckpointManager, build_accelerator, build_adamw, init_run, logger, lr_at, merged_defaults,
-                    resolve_max_steps, set_lr)
+from .utils import (EMA, CheckpointManager, ema_checkpoint_slots, build_accelerator, build_adamw, init_run, logger,
+                    lr_at, merged_defaults, resolve_max_steps, set_lr)
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/ar",
@@ -205,17 +205,13 @@ def main(argv=None, cfg=None):
     optimizer = build_adamw(module.named_parameters(), cfg.optim)
     module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
     raw = accelerator.unwrap_model(module)
-    emas, ema, per_rank = [], None, {}
+    emas, ema = [], None
     if float(cfg.ema.decay) > 0:
         ema = EMA(raw.ar.parameters(), float(cfg.ema.decay), bool(cfg.ema.warmup), int(cfg.ema.update_after_step))
         ema.to(device)
         emas.append((ema, raw.ar.parameters))
-        if accelerator.distributed_type.name == "FSDP":
-            per_rank["ema"] = ema
-        else:
-            accelerator.register_for_checkpointing(ema)
     set_seed(int(cfg.seed), device_specific=True)
-    ckpt = CheckpointManager(accelerator, cfg.output_dir, int(cfg.keep_last), per_rank=per_rank)
+    ckpt = CheckpointManager(accelerator, cfg.output_dir, int(cfg.keep_last), **ema_checkpoint_slots(accelerator, ema))
     oc = cfg.optim
     total = resolve_max_steps(cfg, loader)
 

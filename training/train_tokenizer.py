@@ -31,8 +31,8 @@ from .losses import build_mlp, repa_loss, sample_keep_k, sample_timesteps
 from .models import build_flextok, count_params, load_vae, save_pretrained_atomic, vae_downsample
 from .repa import build_repa_target
 from .shards import ShardReader, fingerprint, run_sharded
-from .utils import (EMA, CheckpointManager, build_accelerator, build_adamw, init_run, logger, lr_at, merged_defaults,
-                    resolve_max_steps, set_lr)
+from .utils import (EMA, CheckpointManager, ema_checkpoint_slots, build_accelerator, build_adamw, init_run, logger,
+                    lr_at, merged_defaults, resolve_max_steps, set_lr)
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/tokenizer",
@@ -316,14 +316,8 @@ def main(argv=None, cfg=None, repa_encoder=None):
         ema = EMA(raw.flextok.parameters(), float(cfg.ema.decay), bool(cfg.ema.warmup), int(cfg.ema.update_after_step))
         ema.to(device)
         emas.append((ema, raw.flextok.parameters))
-    per_rank = {}
-    if ema is not None:
-        if accelerator.distributed_type.name == "FSDP":
-            per_rank["ema"] = ema  # sharded: every rank saves its own part
-        else:
-            accelerator.register_for_checkpointing(ema)
     set_seed(int(cfg.seed), device_specific=True)
-    ckpt = CheckpointManager(accelerator, cfg.output_dir, int(cfg.keep_last), per_rank=per_rank)
+    ckpt = CheckpointManager(accelerator, cfg.output_dir, int(cfg.keep_last), **ema_checkpoint_slots(accelerator, ema))
     oc = cfg.optim
     total = resolve_max_steps(cfg, loader)
 

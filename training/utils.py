@@ -278,7 +278,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class EMA:
     """Exponential moving average of parameters (float32 shadow copy), with optional warm-up
     ``decay_t = min(decay, (1 + t) / (10 + t))``. ``state_dict``/``load_state_dict`` make it checkpointable with
-    ``accelerator.register_for_checkpointing``. Works on local shards too (FSDP), parameter by parameter."""
+    CheckpointManager (saved as safetensors). Works on local shards too (FSDP), parameter by parameter."""
 
     def __init__(self, parameters: Iterable[torch.nn.Parameter], decay: float = 0.9999, warmup: bool = True,
                  update_after_step: int = 0):
@@ -355,20 +355,54 @@ class LoopState:
         return asdict(self)
 
 
+def ema_checkpoint_slots(accelerator, ema) -> dict:
+    """CheckpointManager keyword arguments that save ``ema`` (None: nothing) as safetensors: one file per rank
+    when FSDP shards it, else one file written by the main process."""
+    if ema is None:
+        return {}
+    if accelerator.distributed_type.name == "FSDP":
+        return {"per_rank": {"ema": ema}}
+    return {"replicated": {"ema": ema}}
+
+
 class CheckpointManager:
     """``accelerator.save_state`` into ``checkpoints/.tmp-step_N``, then (main process) ``meta.json`` and a rename to
     ``checkpoints/step_N``: a folder named ``step_N`` is always complete, so a run killed at any moment resumes from
     the last complete checkpoint. Keeps the last ``keep_last``.
 
-    Objects in ``per_rank`` (name -> object with ``state_dict()`` of tensors / list of tensors) are written by
-    every rank as ``{name}_rank{r}.safetensors`` (for state that differs between ranks, e.g. FSDP-sharded EMA).
+    Extra state (name -> object with ``state_dict()`` of tensors / a list ``shadow`` of tensors, e.g. the EMA) is
+    written as safetensors rather than through ``register_for_checkpointing``, whose pickles accelerate loads with
+    ``weights_only=False``: ``per_rank`` objects by every rank as ``{name}_rank{r}.safetensors`` (state that
+    differs between ranks, e.g. FSDP-sharded EMA), ``replicated`` ones once by the main process as
+    ``{name}.safetensors`` and read by every rank.
     """
 
-    def __init__(self, accelerator, output_dir, keep_last: int = 3, per_rank: dict | None = None):
+    def __init__(self, accelerator, output_dir, keep_last: int = 3, per_rank: dict | None = None,
+                 replicated: dict | None = None):
         self.accelerator = accelerator
         self.dir = Path(output_dir) / "checkpoints"
         self.keep_last = max(1, int(keep_last))
         self.per_rank = per_rank or {}
+        self.replicated = replicated or {}
+
+    @staticmethod
+    def _write_state(obj, path: Path) -> None:
+        sd = obj.state_dict()
+        tensors = {f"{i}": t.detach().cpu().contiguous() for i, t in enumerate(sd.pop("shadow", []))}
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in sd.items() if torch.is_tensor(v)})
+        meta = {k: json.dumps(v) for k, v in sd.items() if not torch.is_tensor(v)}
+        atomic_save_safetensors(path, tensors, meta)
+
+    @staticmethod
+    def _read_state(obj, path: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as sf:
+            md = sf.metadata() or {}
+            keys = sorted((k for k in sf.keys() if k.isdigit()), key=int)
+            sd = {k: json.loads(v) for k, v in md.items()}
+            sd["shadow"] = [sf.get_tensor(k) for k in keys]
+        obj.load_state_dict(sd)
 
     @staticmethod
     def complete_checkpoints(ckpt_dir) -> list[Path]:
@@ -402,11 +436,10 @@ class CheckpointManager:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         for obj_name, obj in self.per_rank.items():
-            sd = obj.state_dict()
-            tensors = {f"{i}": t.detach().cpu().contiguous() for i, t in enumerate(sd.pop("shadow", []))}
-            tensors.update({k: v.detach().cpu().contiguous() for k, v in sd.items() if torch.is_tensor(v)})
-            meta = {k: json.dumps(v) for k, v in sd.items() if not torch.is_tensor(v)}
-            atomic_save_safetensors(tmp / f"{obj_name}_rank{acc.process_index}.safetensors", tensors, meta)
+            self._write_state(obj, tmp / f"{obj_name}_rank{acc.process_index}.safetensors")
+        if acc.is_main_process:
+            for obj_name, obj in self.replicated.items():
+                self._write_state(obj, tmp / f"{obj_name}.safetensors")
         acc.wait_for_everyone()
         if acc.is_main_process:
             meta = {"loop": state.to_json(), "num_processes": acc.num_processes, "time": time.time(),
@@ -428,15 +461,9 @@ class CheckpointManager:
                            self.accelerator.num_processes)
         self.accelerator.load_state(str(path))
         for obj_name, obj in self.per_rank.items():
-            from safetensors import safe_open
-
-            f = path / f"{obj_name}_rank{self.accelerator.process_index}.safetensors"
-            with safe_open(str(f), "pt") as sf:
-                md = sf.metadata() or {}
-                keys = sorted((k for k in sf.keys() if k.isdigit()), key=int)
-                sd = {k: json.loads(v) for k, v in md.items()}
-                sd["shadow"] = [sf.get_tensor(k) for k in keys]
-            obj.load_state_dict(sd)
+            self._read_state(obj, path / f"{obj_name}_rank{self.accelerator.process_index}.safetensors")
+        for obj_name, obj in self.replicated.items():
+            self._read_state(obj, path / f"{obj_name}.safetensors")
         loop = LoopState(**meta["loop"])
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, loop.step, loop.epoch,
                     loop.batch_in_epoch)
