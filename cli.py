@@ -1,9 +1,10 @@
-"""The ``flextok`` command line: convert, tokenize, reconstruct, generate, info.
+"""The ``flextok`` command line: convert, tokenize, reconstruct, generate, eval, info.
 
     flextok convert EPFL-VILAB/flextok_d18_d18_in1k out/flextok_d18_d18
     flextok tokenize photos/ --model out/flextok_d18_d18 --out tokens.safetensors
     flextok reconstruct photo.jpg --model out/flextok_d18_d18 --tokens 1 4 16 64 256 --out grid.png
     flextok generate --model my_ar_pipeline --class 207 --class "tabby cat" --num-tokens 16 64 --out samples.png
+    flextok eval photos/ --model out/flextok_d18_d18 --json eval.json --plot eval.png
     flextok info out/flextok_d18_d18
 """
 from __future__ import annotations
@@ -12,11 +13,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 FITS = ("none", "center-crop", "resize")
+
+
+from .flextok_core.fileio import atomic_write
 
 
 class CLIError(Exception):
@@ -109,21 +112,6 @@ def load_pipeline(args):
     return pipe
 
 
-def write_atomic(path: Path, write):
-    """``write(tmp_path)`` then rename onto ``path``: no half-written outputs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def batches(items, size):
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -189,7 +177,7 @@ def cmd_tokenize(args):
     metadata = {"format": "flextok-tokens/1", "model": str(args.model), "fingerprint": pipe.fingerprint,
                 "files": json.dumps(files), "image_sizes": json.dumps(sizes), "num_tokens": str(k)}
     ids = torch.cat(rows)
-    write_atomic(Path(args.out), lambda tmp: save_file({"ids": ids}, tmp, metadata=metadata))
+    atomic_write(Path(args.out), lambda tmp: save_file({"ids": ids}, tmp, metadata=metadata))
     print(f"wrote {len(files)} x {k} token ids to {args.out}")
 
 
@@ -265,9 +253,57 @@ def cmd_generate(args):
     if args.save_tokens:
         meta = {"format": "flextok-tokens/1", "model": str(args.model), "fingerprint": pipe.fingerprint,
                 "conditions": json.dumps([str(c) for c in conditions for _ in range(per)])}
-        write_atomic(Path(args.save_tokens), lambda tmp: save_file({"ids": ids.cpu().to(torch.int32)}, tmp,
+        atomic_write(Path(args.save_tokens), lambda tmp: save_file({"ids": ids.cpu().to(torch.int32)}, tmp,
                                                                    metadata=meta))
     print(f"wrote {args.out} ({len(conditions)} condition(s) x {per} sample(s) at {ks} tokens)")
+
+
+def cmd_eval(args):
+    from . import evaluation as ev
+
+    if not args.inputs and not args.reference:
+        raise CLIError("pass images to reconstruct (files/folders) and/or --reference FOLDER for AR generation metrics")
+    pipe = load_pipeline(args)
+    pipe.set_progress_bar_config(disable=True)
+    size = args.size or min(pipe.default_image_size)
+    unit = pipe.vae_scale_factor * pipe.flextok.config.patch_size
+    if size % unit or size > min(pipe.default_image_size):
+        raise CLIError(f"--size {size}: must be a multiple of {unit} and at most {min(pipe.default_image_size)}")
+    try:
+        features = ev.build_feature_net(args.features)
+    except (ImportError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    results = []
+    try:
+        if args.inputs:
+            images = ev.load_folder(args.inputs, size, args.fit, args.num_images)
+            results.append(ev.evaluate_reconstruction(
+                pipe, images, args.tokens, args.steps, args.guidance, not args.no_apg, args.perceptual, features,
+                args.batch_size, args.seed, args.kid_subset_size, say))
+        if args.reference:
+            if features is None:
+                raise CLIError("generation metrics need a feature network: --features effnet-lite0 or a path")
+            reference = ev.load_folder([args.reference], size, args.fit, args.num_reference)
+            classes = [int(c) if c.lstrip("-").isdigit() else c for c in args.classes] if args.classes else None
+            results.append(ev.evaluate_generation(
+                pipe, reference, features, args.tokens, args.num_samples, classes, args.prompts, args.ar_guidance,
+                args.temperature, args.top_k, args.top_p, args.steps, args.gen_guidance, not args.no_apg,
+                args.batch_size, args.seed, args.kid_subset_size, say))
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    for res in results:
+        what = (f"reconstruction of {res['num_images']} images" if res["task"] == "reconstruction" else
+                f"generation: {res['num_samples']} AR samples vs {res['num_reference']} reference images")
+        print(f"## {what} ({res['image_size'][0]}x{res['image_size'][1]}, {res['num_inference_steps']} steps, "
+              f"model {args.model})\n")
+        print(ev.format_table(res) + "\n")
+    if args.json:
+        ev.write_json(results, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        ev.plot_metrics(results, args.plot, title=f"flextok eval: {args.model}")
+        print(f"wrote {args.plot}")
 
 
 def describe(pipe, source: str) -> dict:
@@ -377,6 +413,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png")
     p.add_argument("--save-tokens", help="also write the sampled ids to this .safetensors file")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="metrics vs number of tokens: reconstruction (PSNR/SSIM/perceptual/FID/KID) and "
+                                    "AR generation (FID/KID vs a reference folder)")
+    p.add_argument("inputs", nargs="*", help="images to reconstruct: files and/or folders (searched recursively)")
+    model_options(p)
+    p.add_argument("--tokens", type=int, nargs="+", help="token budgets (default: 1 2 4 ... N)")
+    p.add_argument("--num-images", type=int, help="use the first N images (sorted by path)")
+    p.add_argument("--fit", choices=["center-crop", "resize"], default="center-crop")
+    p.add_argument("--size", type=int, help="evaluation size (default: the model's largest)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0],
+                   help="decoder guidance scale(s) for reconstruction (one row group each; default 1)")
+    p.add_argument("--no-apg", action="store_true")
+    p.add_argument("--perceptual", default="auto",
+                   help="auto (ST-LPIPS alex if stlpips-pytorch is installed) | none | stlpips-alex | stlpips-vgg | "
+                        "package.module:factory")
+    p.add_argument("--features", default="effnet-lite0",
+                   help="FID/KID feature network: effnet-lite0 (offline; NOT comparable to published FID) | a "
+                        "TorchScript file such as inception-2015-12-05.pt | package.module:factory | none")
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--reference", help="folder of reference images: AR generation metrics (FID/KID per token budget)")
+    p.add_argument("--num-reference", type=int, help="use the first N reference images")
+    p.add_argument("--num-samples", type=int, default=100, help="AR samples per token budget")
+    p.add_argument("--class", dest="classes", action="append", help="class id or name (default: all classes)")
+    p.add_argument("--prompt", dest="prompts", action="append", help="text prompt (text-conditional AR models)")
+    p.add_argument("--ar-guidance", type=float, default=4.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--gen-guidance", type=float, default=7.5, help="decoder guidance for generated samples")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--plot", help="write a PNG plot of metric vs tokens here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="describe a model")
     p.add_argument("model", help="our diffusers folder, an official FlexTok folder, or a hub id")

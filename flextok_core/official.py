@@ -249,7 +249,7 @@ def parse_config(config: dict) -> tuple[dict, dict]:
 
     regs = e["registers"]
     n_max = int(regs["n_max"])
-    _require(regs.get("ordering_mode", "nested") == "nested", f"encoder registers ordering_mode must be 'nested'")
+    _require(regs.get("ordering_mode", "nested") == "nested", "encoder registers ordering_mode must be 'nested'")
     _require(e["packer"].get("mask_mode") == "causal_last",
              f"encoder packer mask_mode must be 'causal_last', got {e['packer'].get('mask_mode')!r}")
     _require(d["packer"].get("mask_mode") == "full",

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import PIL.Image
 import PIL.ImageDraw
+
+from ..flextok_core.fileio import atomic_write
 
 
 def labelled_grid(rows: list[list[PIL.Image.Image]], column_labels: list[str], pad: int = 4,
@@ -32,16 +33,6 @@ def labelled_grid(rows: list[list[PIL.Image.Image]], column_labels: list[str], p
 
 
 def save_image_atomic(image: PIL.Image.Image, path: str | os.PathLike) -> None:
-    """Write to a temporary file beside ``path`` and rename, so no half-written image is ever left behind."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1] or ".png"
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=PIL.Image.registered_extensions().get(suffix.lower(), "PNG"))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Save through a temporary file and a rename, so no half-written image is ever left behind."""
+    fmt = PIL.Image.registered_extensions().get(os.path.splitext(os.fspath(path))[1].lower(), "PNG")
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt))

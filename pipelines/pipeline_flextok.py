@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..flextok_core import (LICENSE_NOTICE, FlexTokModel, RegisterSequences, apg_velocity, cfg_velocity,
                             load_official, vae_decode, vae_encode)
+from ..flextok_core.fileio import replace_dir
 from ..flextok_core.sampling import MomentumBuffer
 from .scheduling_flextok import FlexTokFlowScheduler, flextok_sigmas
 
@@ -149,13 +149,7 @@ class FlexTokPipeline(DiffusionPipeline):
             kwargs["safe_serialization"] = True  # safetensors only, never pickle
             super().save_pretrained(tmp, **kwargs)
             (tmp / "pipeline.py").write_text(HUB_SHIM)
-            old = None
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, old)
-            os.replace(tmp, target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -14,6 +14,8 @@ from typing import Iterable
 
 import torch
 
+from ..flextok_core.fileio import atomic_write, remove_dir, replace_dir  # noqa: F401  (re-exported)
+
 logger = logging.getLogger("flextok_kit.training")
 
 # -------------------------------------------------------------------------------------------------------------
@@ -53,46 +55,13 @@ def merged_defaults(*sections: dict) -> dict:
 # -------------------------------------------------------------------------------------------------------------
 # Atomic file helpers
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def remove_dir(path: str | os.PathLike) -> None:
-    """Delete a folder so that a partial deletion never looks like the original: rename first, then delete."""
-    path = Path(path)
-    if not path.exists():
-        return
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.time_ns()}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Move a finished folder into place (the old one, if any, is removed after the swap)."""
-    tmp, final = Path(tmp), Path(final)
-    old = None
-    if final.exists():
-        old = final.with_name(f".trash-{final.name}-{os.getpid()}-{time.time_ns()}")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata))
 
 
 # -------------------------------------------------------------------------------------------------------------
