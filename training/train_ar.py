@@ -24,8 +24,8 @@ from .config import load_config, parse_cli
 from .data import fixed_batch, make_loader
 from .loop import training_loop
 from .models import count_params, save_pretrained_atomic
-from .utils import (EMA, CheckpointManager, ema_checkpoint_slots, build_accelerator, build_adamw, init_run, logger,
-                    lr_at, merged_defaults, resolve_max_steps, set_lr)
+from .utils import (EMA, CheckpointManager, ema_checkpoint_slots, gathered_state_dict, build_accelerator, build_adamw,
+                    init_run, logger, lr_at, merged_defaults, resolve_max_steps, set_lr)
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/ar",
@@ -255,15 +255,9 @@ def main(argv=None, cfg=None):
 
     def export(state):
         out_dir = Path(cfg.export.dir or Path(cfg.output_dir) / "export")
-        params = list(raw.ar.parameters())
         use_ema = ema is not None and cfg.export.use_ema
-        if use_ema:
-            ema.store(params)
-            ema.copy_to(params)
-        sd = {k: v.detach().cpu().clone() for k, v in accelerator.get_state_dict(module).items()}
-        if use_ema:
-            ema.restore(params)
-        if not accelerator.is_main_process:
+        sd = gathered_state_dict(accelerator, module, raw.ar.parameters(), ema if use_ema else None)
+        if sd is None:
             return
         from ..flextok_core.ar import FlexTokAR
 

@@ -31,8 +31,8 @@ from .losses import build_mlp, repa_loss, sample_keep_k, sample_timesteps
 from .models import build_flextok, count_params, load_vae, save_pretrained_atomic, vae_downsample
 from .repa import build_repa_target
 from .shards import ShardReader, fingerprint, run_sharded
-from .utils import (EMA, CheckpointManager, ema_checkpoint_slots, build_accelerator, build_adamw, init_run, logger,
-                    lr_at, merged_defaults, resolve_max_steps, set_lr)
+from .utils import (EMA, CheckpointManager, ema_checkpoint_slots, gathered_state_dict, build_accelerator, build_adamw,
+                    init_run, logger, lr_at, merged_defaults, resolve_max_steps, set_lr)
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/tokenizer",
@@ -387,15 +387,9 @@ def main(argv=None, cfg=None, repa_encoder=None):
 
     def export(state):
         out_dir = Path(cfg.export.dir or Path(cfg.output_dir) / "export")
-        params = list(raw.flextok.parameters())
         use_ema = ema is not None and cfg.export.use_ema
-        if use_ema:
-            ema.store(params)
-            ema.copy_to(params)
-        sd = {k: v.detach().cpu().clone() for k, v in accelerator.get_state_dict(module).items()}
-        if use_ema:
-            ema.restore(params)
-        if not accelerator.is_main_process:
+        sd = gathered_state_dict(accelerator, module, raw.flextok.parameters(), ema if use_ema else None)
+        if sd is None:
             return
         from ..flextok_core import FlexTokModel
 

@@ -22,8 +22,8 @@ from .data import DATA_DEFAULTS, build_dataset, fixed_batch, make_loader, to_flo
 from .loop import training_loop
 from .losses import (PatchDiscriminator, adaptive_weight, build_perceptual, hinge_d_loss, hinge_g_loss, kl_loss)
 from .models import build_vae, count_params, load_vae, psnr, save_pretrained_atomic, ssim
-from .utils import (EMA, CheckpointManager, ema_checkpoint_slots, build_accelerator, build_adamw, init_run, logger,
-                    lr_at, merged_defaults, resolve_max_steps, set_lr)
+from .utils import (EMA, CheckpointManager, ema_checkpoint_slots, gathered_state_dict, build_accelerator, build_adamw,
+                    init_run, logger, lr_at, merged_defaults, resolve_max_steps, set_lr)
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/vae",
@@ -198,15 +198,9 @@ def main(argv=None, cfg=None):
 
     def export(state):
         out_dir = Path(cfg.export.dir or Path(cfg.output_dir) / "export")
-        params = list(raw.parameters())
         use_ema = ema is not None and cfg.export.use_ema
-        if use_ema:
-            ema.store(params)
-            ema.copy_to(params)
-        sd = {k: v.detach().cpu().clone() for k, v in accelerator.get_state_dict(module).items()}
-        if use_ema:
-            ema.restore(params)
-        if not accelerator.is_main_process:
+        sd = gathered_state_dict(accelerator, module, raw.parameters(), ema if use_ema else None)
+        if sd is None:
             return
         from diffusers import AutoencoderKL
 

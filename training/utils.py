@@ -334,6 +334,19 @@ def ema_checkpoint_slots(accelerator, ema) -> dict:
     return {"replicated": {"ema": ema}}
 
 
+def gathered_state_dict(accelerator, module, params, ema=None) -> dict | None:
+    """The full state dict of ``module`` on the main process (None elsewhere), with the EMA weights swapped
+    into ``params`` while it is gathered when ``ema`` is given. Every rank must call it (FSDP gathers)."""
+    params = list(params)
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    sd = {k: v.detach().cpu().clone() for k, v in accelerator.get_state_dict(module).items()}
+    if ema is not None:
+        ema.restore(params)
+    return sd if accelerator.is_main_process else None
+
+
 class CheckpointManager:
     """``accelerator.save_state`` into ``checkpoints/.tmp-step_N``, then (main process) ``meta.json`` and a rename to
     ``checkpoints/step_N``: a folder named ``step_N`` is always complete, so a run killed at any moment resumes from
