@@ -1,0 +1,30 @@
+"""The quick-start job (python -m flextok_kit.demo) runs and writes its grid."""
+import PIL.Image
+
+from flextok_kit import demo
+
+from .conftest import GOLDEN
+
+
+def test_demo_default_model(tmp_path, capsys):
+    # the embedded demo tokenizer when committed (else the golden tiny checkpoint), the bundled sample photos
+    path = demo.main(["--steps", "2", "--out", str(tmp_path)])
+    assert path == tmp_path / "coarse_to_fine.png" and path.is_file()
+    out = capsys.readouterr().out
+    assert "PSNR (dB) by number of tokens" in out and "wrote" in out
+    im = PIL.Image.open(path)
+    n_samples = max(1, len(list(demo.SAMPLES.glob("*.jpg"))))
+    assert im.size[1] > n_samples * 64
+
+
+def test_demo_embedded_model_present():
+    assert (demo.DEMO_MODEL / "model_index.json").is_file(), "demo_models/photo_tokenizer is missing"
+    assert len(list(demo.SAMPLES.glob("*.jpg"))) >= 2
+
+
+def test_demo_other_model_and_images(tmp_path):
+    img = tmp_path / "in.png"
+    PIL.Image.new("RGB", (80, 50), (200, 40, 40)).save(img)
+    path = demo.main(["--model", str(GOLDEN), "--images", str(img), "--steps", "1", "--size", "32",
+                      "--out", str(tmp_path / "o")])
+    assert PIL.Image.open(path).size[0] > 32 * 7
