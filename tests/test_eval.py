@@ -2,11 +2,10 @@
 import importlib.util
 import json
 import math
+import os
 
 import numpy as np
 import PIL.Image
-import os
-
 import pytest
 import torch
 
