@@ -50,10 +50,10 @@ class AdaLNBlock(nn.Module):
         self.mlp = SwiGLU(dim, swiglu_hidden_dim(dim, mlp_ratio))
         self.adaLN = nn.Linear(dim, adaln_expansion * 6 * dim)
 
-    def forward(self, x: torch.Tensor, groups: Groups, num_patches: int, temb_act: torch.Tensor):
-        # x: packed [T, D]; temb_act: SiLU(temb) [B, D], shared by every group (same samples, same t)
-        b, d = temb_act.shape
-        mod = self.adaLN(temb_act).view(b, self.adaln_expansion, 6, d)[:, :, :, None, :]  # [B, E, 6, 1, D]
+    def forward(self, x: torch.Tensor, groups: Groups, num_patches: int, modulation: torch.Tensor):
+        # x: packed [T, D]; modulation: adaLN(SiLU(temb)) [B or 1, E*6*D], shared by every group (same t)
+        d = x.shape[-1]
+        mod = modulation.view(modulation.shape[0], self.adaln_expansion, 6, d)[:, :, :, None, :]  # [B, E, 6, 1, D]
         gate_msa, gate_mlp, shift_msa, scale_msa, shift_mlp, scale_mlp = mod.unbind(2)  # [B, E, 1, D]
         e = self.adaln_expansion - 1  # register modulation index: 1 if separate, else shared with patches
 
@@ -192,12 +192,22 @@ class FlexTokDecoder(nn.Module):
         gh, gw = x.shape[1:3]
         return x + self.pos_embed[:gh, :gw].to(x.dtype)  # [B, gh, gw, D]
 
+    def timestep_modulation(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """adaLN outputs of every block, then the final layer's (shift | scale), for timesteps ``t`` ``[N]``.
+
+        They depend on t alone: a sampler computes them for all its steps in one call, which reads each adaLN
+        weight once per run instead of once per step (``forward(..., modulation=[m[i:i+1] for m in mods])``).
+        """
+        temb_act = F.silu(self.embed_timesteps(t))
+        return [block.adaLN(temb_act) for block in self.blocks] + [self.final_adaLN(temb_act)]
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, registers: RegisterSequences,
-                hidden_layer: int | None = None):
+                hidden_layer: int | None = None, modulation: list[torch.Tensor] | None = None):
         """Velocity of ``x_t`` ``[B,C,h,w]`` at ``t`` ``[B]`` -> ``[G*B,C,h,w]``, one ``[B,...]`` block per group
         (conditional first, then unconditional when guided).
 
         With ``hidden_layer=i`` also returns the patch tokens after block ``i`` ``[G*B, P, D]`` (REPA target layer).
+        ``modulation``: precomputed :meth:`timestep_modulation` for this t (rows of 1 or B), else computed here.
         """
         b, _, h, w = x_t.shape
         patches = self.embed_patches(x_t)  # [B, gh, gw, D]
@@ -214,14 +224,15 @@ class FlexTokDecoder(nn.Module):
             seqs.append(seq.flatten(0, 1))
         x = seqs[0] if len(seqs) == 1 else torch.cat(seqs)  # packed [T, D]
 
-        temb_act = F.silu(self.embed_timesteps(t.expand(b) if t.dim() == 0 else t))
+        if modulation is None:
+            modulation = self.timestep_modulation(t.expand(b) if t.dim() == 0 else t)
         hidden = None
         for i, block in enumerate(self.blocks):
-            x = block(x, groups, num_patches, temb_act)
+            x = block(x, groups, num_patches, modulation[i])
             if i == hidden_layer:
                 hidden = torch.cat([p for p, _ in _split_types(x, groups, num_patches)])
 
-        shift, scale = self.final_adaLN(temb_act).chunk(2, dim=-1)  # [B, D] each
+        shift, scale = modulation[-1].chunk(2, dim=-1)  # [B or 1, D] each
         outs = []
         for p, _ in _split_types(x, groups, num_patches):
             y = torch.addcmul(shift[:, None], layer_norm(p), 1 + scale[:, None])

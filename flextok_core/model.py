@@ -88,7 +88,8 @@ class FlexTokModel(ModelMixin, ConfigMixin):
         return self.decoder.prepare_registers(values, keep_k.to(ids.device), guidance=guidance, fast=fast)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, registers: RegisterSequences,
-                hidden_layer: int | None = None):
+                hidden_layer: int | None = None, modulation: list[torch.Tensor] | None = None):
         """Velocity ``[G*B,C,h,w]`` (conditional block first, then unconditional when guided); with
-        ``hidden_layer`` also the decoder's patch tokens after that block (for REPA)."""
-        return self.decoder(x_t, t, registers, hidden_layer=hidden_layer)
+        ``hidden_layer`` also the decoder's patch tokens after that block (for REPA). ``modulation``: see
+        ``FlexTokDecoder.timestep_modulation``."""
+        return self.decoder(x_t, t, registers, hidden_layer=hidden_layer, modulation=modulation)

@@ -387,6 +387,10 @@ class FlexTokPipeline(DiffusionPipeline):
                      for c in chunks]
         momentum = [MomentumBuffer(apg_momentum) for _ in chunks]
         model_dtype = self.flextok.dtype
+        # timestep conditioning of every step at once (it depends on t alone); computed where the weights are
+        # now (offload hooks move them only on forward), then moved to the execution device
+        sigmas = self.scheduler.sigmas[:-1].to(self.flextok.device)
+        modulations = [m.to(device) for m in self.flextok.decoder.timestep_modulation(sigmas)]
 
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, step_t in enumerate(self.scheduler.timesteps):
@@ -399,7 +403,8 @@ class FlexTokPipeline(DiffusionPipeline):
                     regs = registers[j]
                     if scale == 1.0 and regs.guided:  # this step needs no unconditional pass
                         regs = RegisterSequences(regs.tokens[:1], regs.key_bias[:1])
-                    v = self.flextok(x[c].to(model_dtype), t.expand(x[c].shape[0]), regs).float()
+                    v = self.flextok(x[c].to(model_dtype), t.expand(x[c].shape[0]), regs,
+                                     modulation=[m[i : i + 1] for m in modulations]).float()
                     if not regs.guided:
                         v_cond[c] = velocity[c] = v
                         if v_uncond is not None:
