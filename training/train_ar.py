@@ -24,8 +24,8 @@ from .config import load_config, parse_cli
 from .data import fixed_batch, make_loader
 from .loop import training_loop
 from .models import count_params, save_pretrained_atomic
-from .utils import (EMA, CheckpointManager, ema_checkpoint_slots, gathered_state_dict, build_accelerator, build_adamw,
-                    init_run, logger, lr_at, merged_defaults, resolve_max_steps, set_lr)
+from .utils import (CheckpointManager, build_ema, ema_checkpoint_slots, gathered_state_dict, build_accelerator,
+                    build_adamw, init_run, logger, lr_at, merged_defaults, resolve_max_steps, set_lr)
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/ar",
@@ -205,11 +205,7 @@ def main(argv=None, cfg=None):
     optimizer = build_adamw(module.named_parameters(), cfg.optim)
     module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
     raw = accelerator.unwrap_model(module)
-    emas, ema = [], None
-    if float(cfg.ema.decay) > 0:
-        ema = EMA(raw.ar.parameters(), float(cfg.ema.decay), bool(cfg.ema.warmup), int(cfg.ema.update_after_step))
-        ema.to(device)
-        emas.append((ema, raw.ar.parameters))
+    ema, emas = build_ema(cfg.ema, raw.ar.parameters, device)
     set_seed(int(cfg.seed), device_specific=True)
     ckpt = CheckpointManager(accelerator, cfg.output_dir, int(cfg.keep_last), **ema_checkpoint_slots(accelerator, ema))
     oc = cfg.optim

@@ -31,8 +31,8 @@ from .losses import build_mlp, repa_loss, sample_keep_k, sample_timesteps
 from .models import build_flextok, count_params, load_vae, save_pretrained_atomic, vae_downsample
 from .repa import build_repa_target
 from .shards import ShardReader, fingerprint, run_sharded
-from .utils import (EMA, CheckpointManager, ema_checkpoint_slots, gathered_state_dict, build_accelerator, build_adamw,
-                    init_run, logger, lr_at, merged_defaults, resolve_max_steps, set_lr)
+from .utils import (CheckpointManager, build_ema, ema_checkpoint_slots, gathered_state_dict, build_accelerator,
+                    build_adamw, init_run, logger, lr_at, merged_defaults, resolve_max_steps, set_lr)
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/tokenizer",
@@ -311,11 +311,7 @@ def main(argv=None, cfg=None, repa_encoder=None):
     optimizer = build_adamw(module.named_parameters(), cfg.optim)
     module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
     raw = accelerator.unwrap_model(module)
-    emas, ema = [], None
-    if float(cfg.ema.decay) > 0:
-        ema = EMA(raw.flextok.parameters(), float(cfg.ema.decay), bool(cfg.ema.warmup), int(cfg.ema.update_after_step))
-        ema.to(device)
-        emas.append((ema, raw.flextok.parameters))
+    ema, emas = build_ema(cfg.ema, raw.flextok.parameters, device)
     set_seed(int(cfg.seed), device_specific=True)
     ckpt = CheckpointManager(accelerator, cfg.output_dir, int(cfg.keep_last), **ema_checkpoint_slots(accelerator, ema))
     oc = cfg.optim

@@ -22,8 +22,8 @@ from .data import DATA_DEFAULTS, build_dataset, fixed_batch, make_loader, to_flo
 from .loop import training_loop
 from .losses import (PatchDiscriminator, adaptive_weight, build_perceptual, hinge_d_loss, hinge_g_loss, kl_loss)
 from .models import build_vae, count_params, load_vae, psnr, save_pretrained_atomic, ssim
-from .utils import (EMA, CheckpointManager, ema_checkpoint_slots, gathered_state_dict, build_accelerator, build_adamw,
-                    init_run, logger, lr_at, merged_defaults, resolve_max_steps, set_lr)
+from .utils import (CheckpointManager, build_ema, ema_checkpoint_slots, gathered_state_dict, build_accelerator,
+                    build_adamw, init_run, logger, lr_at, merged_defaults, resolve_max_steps, set_lr)
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/vae",
@@ -113,12 +113,7 @@ def main(argv=None, cfg=None):
     if perceptual is not None:
         perceptual.to(accelerator.device)
     raw = accelerator.unwrap_model(module)
-    emas = []
-    ema = None
-    if float(cfg.ema.decay) > 0:
-        ema = EMA(raw.parameters(), float(cfg.ema.decay), bool(cfg.ema.warmup), int(cfg.ema.update_after_step))
-        ema.to(accelerator.device)
-        emas.append((ema, raw.parameters))
+    ema, emas = build_ema(cfg.ema, raw.parameters, accelerator.device)
     set_seed(int(cfg.seed), device_specific=True)  # per-rank training randomness (restored by load_state)
     ckpt = CheckpointManager(accelerator, cfg.output_dir, int(cfg.keep_last), **ema_checkpoint_slots(accelerator, ema))
     oc = cfg.optim

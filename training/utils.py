@@ -324,6 +324,16 @@ class LoopState:
         return asdict(self)
 
 
+def build_ema(ema_cfg, parameters, device):
+    """(EMA or None, the ``emas`` list the loop updates) for ``parameters`` (a callable returning them), per the
+    config's ``ema`` section; a decay of 0 turns it off."""
+    if float(ema_cfg.decay) <= 0:
+        return None, []
+    ema = EMA(parameters(), float(ema_cfg.decay), bool(ema_cfg.warmup), int(ema_cfg.update_after_step))
+    ema.to(device)
+    return ema, [(ema, parameters)]
+
+
 def ema_checkpoint_slots(accelerator, ema) -> dict:
     """CheckpointManager keyword arguments that save ``ema`` (None: nothing) as safetensors: one file per rank
     when FSDP shards it, else one file written by the main process."""
