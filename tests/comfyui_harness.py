@@ -350,6 +350,20 @@ VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
+def retarget_workflow(ui: dict, model: str | None = None, image: str | None = None) -> dict:
+    """A copy of a UI-format workflow whose **Load FlexTok** nodes load ``model`` (a name under models/flextok/)
+    and whose **Load Image** nodes load ``image`` (a file in input/); None keeps the workflow's value."""
+    import copy
+    ui = copy.deepcopy(ui)
+    for node in ui["nodes"]:
+        values = node.get("widgets_values")
+        if model is not None and node["type"] == "FlexTokLoad":
+            values[0] = model
+        elif image is not None and node["type"] == "LoadImage":
+            values[0] = image
+    return ui
+
+
 def ui_to_api(ui: dict, object_info: dict) -> dict:
     """A UI-format workflow (what the frontend saves, e.g. example_workflows/*.json) -> the API-format prompt that
     POST /prompt takes, following the frontend's rules: widget inputs take their value from ``widgets_values`` in

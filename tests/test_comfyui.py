@@ -25,7 +25,7 @@ import PIL.Image
 import pytest
 import torch
 
-from .comfyui_harness import ComfyServer, ui_to_api, write_safetensors
+from .comfyui_harness import ComfyServer, free_port, retarget_workflow, ui_to_api, write_safetensors
 from .conftest import GOLDEN, ROOT
 
 from flextok_kit import flextok_core
@@ -43,6 +43,9 @@ AR_EXAMPLE = EXAMPLES / "flextok_ar_generate.json"
 NODE_IDS = ["FlexTokLoad", "FlexTokEncode", "FlexTokTruncate", "FlexTokDecode", "FlexTokCoarseToFine",
             "FlexTokSaveTokens", "FlexTokLoadTokens", "FlexTokARGenerate"]
 HAS_AR_BACKEND = hasattr(FlexTokPipeline, "generate_tokens") and hasattr(flextok_core, "FlexTokAR")
+# The examples load the demo models (demo_models/photo_tokenizer, demo_models/fashion_ar: what
+# scripts/comfyui_demo.sh links); the server tests here run them on the golden tiny model instead.
+TEST_MODELS = {RECONSTRUCT: "flextok_tiny", AR_EXAMPLE: "flextok_tiny_ar"}
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -165,6 +168,11 @@ def save_node(images_ref, prefix):
     return {"class_type": "SaveImage", "inputs": {"images": images_ref, "filename_prefix": prefix}}
 
 
+def example(path: Path) -> dict:
+    """An example workflow (UI format) with Load FlexTok switched to this module's test model."""
+    return retarget_workflow(json.loads(path.read_text()), model=TEST_MODELS[path])
+
+
 # ------------------------------------------------------------------------------------------------ no server
 def test_core_k_lists_and_tokens(tmp_path):
     assert core.parse_k_list("1, 4,16;16", n=32) == [1, 4, 16]
@@ -222,6 +230,39 @@ def test_core_model_folders_and_identity(tmp_path, golden_pipe):
     assert core.model_identity(bf16) != ident
 
 
+# ------------------------------------------------------------------------------------------------ demo script
+# Before the server tests, so that it does not run beside the module's server.
+def test_comfyui_demo_script_check(tmp_path):
+    """README's third quick-start command, `bash scripts/comfyui_demo.sh --check`, in a throw-away COMFYUI_BASE (the
+    install itself stays untouched): pack, demo models and workflows installed, the reconstruct example run on
+    demo_models/photo_tokenizer through POST /prompt, PNGs printed, server stopped."""
+    _ensure_comfyui()
+    base = tmp_path / "comfy_demo"
+    env = {k: v for k, v in os.environ.items() if k not in ("SMOKE", "STARTUP_TIMEOUT", "RUN_TIMEOUT")}
+    env.update(COMFYUI_HOME=str(COMFYUI_HOME), COMFYUI_BASE=str(base), PORT=str(free_port()))
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "comfyui_demo.sh"), "--check"], capture_output=True,
+                         text=True, env=env, timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
+    assert "check passed; server stopped" in res.stdout
+
+    # what it installed: symlinks to the pack and to every demo model folder, the workflows with the demo models
+    assert (base / "custom_nodes" / PACK).is_symlink() and (base / "custom_nodes" / PACK).resolve() == ROOT
+    demo = sorted(p.parent.name for p in (ROOT / "demo_models").glob("*/model_index.json"))
+    assert "photo_tokenizer" in demo
+    linked = base / "models" / "flextok"
+    assert sorted(p.name for p in linked.iterdir()) == demo
+    assert all((linked / n).is_symlink() and (linked / n).resolve() == ROOT / "demo_models" / n for n in demo)
+    for path, model in ((RECONSTRUCT, "photo_tokenizer"), (AR_EXAMPLE, "fashion_ar")):
+        for ui in (json.loads(path.read_text()), json.loads((base / "user/default/workflows" / path.name).read_text())):
+            assert [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "FlexTokLoad"] == [model], path.name
+
+    # what it made: the PNGs it printed, 64x64 like the demo model, under the base's output/
+    printed = [Path(line.strip()) for line in res.stdout.splitlines() if line.strip().endswith(".png")]
+    assert printed, res.stdout[-3000:]
+    assert all(p.is_file() and (base / "output") in p.parents for p in printed), printed
+    assert {PIL.Image.open(p).size for p in printed} == {(64, 64)}
+
+
 # ------------------------------------------------------------------------------------------------ server
 def test_pack_imports_and_registers(srv, info):
     log = srv.log_path.read_text(errors="replace")
@@ -274,7 +315,7 @@ def test_example_workflows_served(srv):
 
 
 def test_reconstruct_example(srv, info, base, golden_pipe):
-    prompt = ui_to_api(json.loads(RECONSTRUCT.read_text()), info)
+    prompt = ui_to_api(example(RECONSTRUCT), info)
     kinds = {nid: n["class_type"] for nid, n in prompt.items()}
     assert sorted(kinds.values()) == sorted(["LoadImage", "FlexTokLoad", "FlexTokEncode", "FlexTokCoarseToFine",
                                              "SaveImage", "PreviewImage", "FlexTokTruncate", "FlexTokDecode",
@@ -446,7 +487,7 @@ def _make_tiny_ar_folder(dest: Path) -> None:
 def test_ar_generate_example(srv, base):
     _make_tiny_ar_folder(base / "models" / "flextok" / "flextok_tiny_ar")
     info = srv.object_info()
-    prompt = ui_to_api(json.loads(AR_EXAMPLE.read_text()), info)
+    prompt = ui_to_api(example(AR_EXAMPLE), info)
     ar = next(nid for nid, n in prompt.items() if n["class_type"] == "FlexTokARGenerate")
     k, b = prompt[ar]["inputs"]["num_tokens"], prompt[ar]["inputs"]["batch_size"]
     run = run_ok(srv, prompt)
@@ -485,18 +526,23 @@ def test_browser_frontend_loads_and_runs_the_examples(srv, info, tmp_path):
     if reason:
         _unavailable(reason)
     shot = tmp_path / "comfyui_workflow.png"
+    copies = {}  # the examples with this module's test models
+    for path in (AR_EXAMPLE, RECONSTRUCT):
+        copies[path] = tmp_path / path.name
+        copies[path].write_text(json.dumps(example(path), indent=1))
     cmd = [str(COMFY_PY), str(ROOT / "tests" / "browser_check.py"), "--url", srv.url, "--expect", *NODE_IDS,
-           "--workflow", str(AR_EXAMPLE), "--workflow", str(RECONSTRUCT), "--run", "--screenshot", str(shot)]
+           "--workflow", str(copies[AR_EXAMPLE]), "--workflow", str(copies[RECONSTRUCT]), "--run",
+           "--screenshot", str(shot)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads(res.stdout)
     assert report["missing"] == [] and set(report["categories"].values()) == {"FlexTok"}
     for path in (AR_EXAMPLE, RECONSTRUCT):
-        wf = report["workflows"][str(path)]
+        wf = report["workflows"][str(copies[path])]
         assert wf["unknown"] == [], wf["unknown"]
         # the frontend turns the workflow into the same prompt as the tests' converter
         made = {nid: {k: v for k, v in node.items() if k != "_meta"} for nid, node in wf["prompt"].items()}
-        assert made == ui_to_api(json.loads(path.read_text()), info), path.name
+        assert made == ui_to_api(example(path), info), path.name
     run = report["run"]  # the reconstruct example, queued by the frontend like the Run button
     assert run["status"] == "success" and "execution_success" in run["messages"], run
     saves = [str(n["id"]) for n in json.loads(RECONSTRUCT.read_text())["nodes"]
