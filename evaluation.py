@@ -12,8 +12,8 @@ TorchScript file such as the standard ``inception-2015-12-05.pt`` (called as ``n
 return_features=True)``), or ``package.module:factory``. **Numbers from any network other than the standard
 Inception are not comparable to published FID/KID**; every table and JSON says which network was used.
 
-PSNR / SSIM / the perceptual distance are the functions of ``training/eval_reconstruction.py`` (imported, not
-re-implemented).
+PSNR / SSIM are the training scripts' metric functions (``training/models.py``); ``training/eval_reconstruction.py``
+(the config-driven evaluation of a training run) calls :func:`evaluate_reconstruction`.
 """
 from __future__ import annotations
 
@@ -27,11 +27,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .training.eval_reconstruction import _perceptual
+from .training.losses import build_perceptual
 from .training.models import psnr, ssim
 
 INCEPTION_NOTE = "standard Inception features: comparable to published FID/KID only with the standard protocol"
 OFFLINE_NOTE = "NOT comparable to published (Inception) FID/KID"
+
+
+def _perceptual(name: str):
+    """-> (distance module or None, its name). ``auto``: ST-LPIPS (alex) when its wheel is installed, else none."""
+    if name == "auto":
+        try:
+            return build_perceptual("stlpips-alex"), "stlpips-alex"
+        except ImportError:
+            return None, "none"
+    net = build_perceptual(name)
+    return net, name if net is not None else "none"
 
 
 # -- feature networks -------------------------------------------------------------------------------
