@@ -167,6 +167,9 @@ def test_train_tokenizer_loss_falls(tokenizer_run):
     assert flow[-1] < flow[0] - 0.05, flow          # the rectified-flow loss itself falls
     assert repa[-1] < 0.8 * repa[0], repa            # the projector aligns with the (random) DINOv2 features
     assert loss[-1] < loss[0]
+    # register-collapse monitors are logged with every evaluation (fractions)
+    usage, sat = evals(out, "eval/token_usage"), evals(out, "eval/fsq_saturation")
+    assert len(usage) == 3 and all(0 < u <= 1 for u in usage) and all(0 <= v <= 1 for v in sat)
     # latents were cached once: 24 images x 2 views in shards of 16
     index = json.loads((out / "latent_cache" / "index.json").read_text())
     assert index["num_items"] == 48 and index["num_shards"] == 3

@@ -187,6 +187,20 @@ def activation_checkpointing(blocks) -> None:
         block.forward = wrapped
 
 
+@torch.no_grad()
+def code_health(flextok, x0: torch.Tensor) -> dict:
+    """Watch for register collapse: ``token_usage`` = distinct ids per register position over the batch / batch size
+    (mean over positions; 1/B means every image gets the same token there) and ``fsq_saturation`` = fraction of
+    pre-FSQ values deep in tanh's flat tail (|z + shift| > 3), where the straight-through gradient vanishes. A tiny
+    tokenizer trained with too high a learning rate drives its registers to an image-independent, saturated code
+    within a few hundred steps, and never recovers."""
+    z = flextok.encoder(x0).float()                                   # [B, N, d]
+    ids = flextok.fsq(z)[1]                                           # [B, N]
+    distinct = torch.tensor([len(torch.unique(ids[:, i])) for i in range(ids.shape[1])], dtype=torch.float32)
+    saturated = ((z + flextok.fsq._shift).abs() > 3).float().mean()
+    return {"token_usage": distinct.mean() / ids.shape[0], "fsq_saturation": saturated}
+
+
 def data_settings(cfg) -> dict:
     d = cfg.data
     return {k: d.get(k) for k in ("type", "path", "split", "hf_name", "resolution", "crop", "crop_scale", "crop_ratio",
@@ -379,6 +393,7 @@ def main(argv=None, cfg=None, repa_encoder=None):
                 g.manual_seed(99)
                 kk = torch.full((x0.shape[0],), k, device=device, dtype=torch.long)
                 out[f"flow_k{k}"] = module(x0, None, generator=g, keep_k=kk)["flow"]
+            out.update(code_health(raw.flextok, x0))
         return {k: float(v) for k, v in out.items()}
 
     def export(state):
