@@ -1,14 +1,18 @@
-"""Quick-start job: reconstruct sample photos through their first 1, 2, 4, ... N tokens into one labelled
-coarse-to-fine grid.
+"""Quick-start job: (1) reconstruct sample photos through their first 1, 2, 4, ... N tokens into one labelled
+coarse-to-fine grid; (2) generate one row per class with the class-conditional AR demo model, each sample decoded
+from its first 1, 2, 4, ... tokens, plus more samples at the full budget.
 
-    python -m flextok_kit.demo [--model FOLDER] [--images FILES/FOLDERS] [--out out/] [--steps 25]
+    python -m flextok_kit.demo [--model FOLDER] [--images FILES/FOLDERS] [--ar-model FOLDER | --no-ar]
+                               [--out out/] [--steps 25]
 
 By default it uses the embedded demo tokenizer ``demo_models/photo_tokenizer`` (a tiny FlexTok + VAE trained on
 CPU with our training scripts on natural photos from Debian packages, see its README.md) and the three held-out
 sample photos in ``demo_models/samples`` (never seen in training). ``--model`` takes one of our diffusers-format
 folders, an official-format folder or a hub id. Without the demo model it falls back to the official-format tiny
 checkpoint in ``../shared/golden/flextok_tiny`` (random weights: the pictures then show the pipeline working, not a
-trained model), else a freshly initialised tiny model.
+trained model), else a freshly initialised tiny model. The generation part uses ``demo_models/fashion_ar`` (a
+FlexTok tokenizer + class-conditional AR model trained on Fashion-MNIST, see its README.md); ``--ar-model`` takes
+any pipeline folder with a class-conditional ``ar_model``.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from .pipelines.image_grid import labelled_grid, save_image_atomic
 
 HERE = Path(__file__).resolve().parent
 DEMO_MODEL = HERE / "demo_models" / "photo_tokenizer"
+AR_DEMO_MODEL = HERE / "demo_models" / "fashion_ar"
 SAMPLES = HERE / "demo_models" / "samples"
 GOLDEN = HERE.parent / "shared" / "golden" / "flextok_tiny"
 
@@ -82,8 +87,17 @@ def main(argv=None):
                         help="decoder guidance (default: 3 for the demo model, 7.5 otherwise)")
     parser.add_argument("--scale", type=int, default=2, help="upscale factor of the tiles in the grid (nearest)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ar-model", help="pipeline folder with a class-conditional AR model "
+                        "(default: demo_models/fashion_ar)")
+    parser.add_argument("--no-ar", action="store_true", help="skip the generation part")
+    parser.add_argument("--samples", type=int, default=4, help="samples per class in the generation grid")
+    parser.add_argument("--ar-guidance", type=float, default=None,
+                        help="AR classifier-free guidance (default: the model card's value, else 3)")
     args = parser.parse_args(argv)
 
+    ar_path = Path(args.ar_model) if args.ar_model else AR_DEMO_MODEL
+    if args.ar_model and not args.no_ar and not (ar_path / "model_index.json").is_file():
+        raise FileNotFoundError(f"--ar-model {ar_path}: no model_index.json (not a pipeline folder)")
     start = time.perf_counter()
     pipe, source, trained = load(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -111,6 +125,58 @@ def main(argv=None):
     print("PSNR (dB) by number of tokens: " + ", ".join(
         f"{k}: {float(psnr(recon[:, j], images).mean()):.2f}" for j, k in enumerate(ks)))
     print(f"decoded {len(images)} image(s) x {len(ks)} prefixes k={ks} in {time.perf_counter() - start:.1f}s")
+    print(f"wrote {path.resolve()}")
+    if not args.no_ar:
+        if (ar_path / "model_index.json").is_file():
+            generate_class_grid(ar_path, args)
+        else:
+            print(f"no AR demo model at {ar_path}: generation part skipped")
+    return path
+
+
+# Sampling settings of the embedded AR demo (chosen on its validation samples; see its model card).
+AR_DEMO_SETTINGS = {"ar_guidance_scale": 3.0, "guidance_scale": 3.0, "top_k": 0, "temperature": 1.0}
+
+
+def generate_class_grid(folder: Path, args) -> Path:
+    """One row per class: sample 1 decoded from its first 1, 2, 4, ... tokens, then more samples at all tokens."""
+    start = time.perf_counter()
+    pipe = FlexTokPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    ar = pipe.ar_model
+    if ar is None or ar.is_text_conditional:
+        raise ValueError(f"{folder}: the generation demo needs a class-conditional ar_model")
+    settings = dict(AR_DEMO_SETTINGS)
+    if args.ar_guidance is not None:
+        settings["ar_guidance_scale"] = args.ar_guidance
+    names = {int(i): str(c) for i, c in (ar.config.id2label or {}).items()}
+    classes = list(range(ar.config.num_classes))
+    n = min(ar.config.max_tokens, pipe.num_registers)
+    ks = [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]
+    ks += [n] if ks[-1] != n else []
+    s = max(1, args.samples)
+    g = torch.Generator().manual_seed(args.seed)
+    labels = [c for c in classes for _ in range(s)]                                   # class-major
+    ids = pipe.generate_tokens(class_labels=labels, num_tokens=n, ar_guidance_scale=settings["ar_guidance_scale"],
+                               temperature=settings["temperature"], top_k=settings["top_k"], generator=g)  # [C*s, n]
+    h, w = pipe.default_image_size
+    first = ids[::s]                                                                   # sample 1 of each class
+    noise = pipe.prepare_latents(len(first), h, w, torch.float32, pipe._execution_device, g)
+    decode = dict(num_inference_steps=args.steps, guidance_scale=settings["guidance_scale"], output_type="pt")
+    prefixes = [pipe.detokenize(first[:, :k], latents=noise, **decode).images for k in ks]  # len(ks) x [C,3,h,w]
+    full = pipe.detokenize(ids, generator=g, **decode).images.view(len(classes), s, 3, h, w)
+    to_pil = lambda t: pipe.image_processor.postprocess(t[None] * 2 - 1, output_type="pil")[0]  # noqa: E731
+    scale = max(args.scale, 64 // max(h, 1))
+    big = lambda im: im.resize((im.size[0] * scale, im.size[1] * scale), 0)  # noqa: E731  (NEAREST)
+    rows = [[big(to_pil(p[c])) for p in prefixes] + [big(to_pil(full[c, j])) for j in range(1, s)]
+            for c in range(len(classes))]
+    cols = [f"{k} token" + ("s" if k > 1 else "") for k in ks] + [f"sample {j + 1}" for j in range(1, s)]
+    grid = labelled_grid(rows, cols, row_labels=[names.get(c, str(c)) for c in classes])
+    path = Path(args.out) / "generated_by_class.png"
+    save_image_atomic(grid, path)
+    print(f"AR model: {folder} ({ar.config.num_classes} classes, {n} tokens, vocabulary {ar.config.vocab_size})")
+    print(f"generated {len(ids)} sequences (AR guidance {settings['ar_guidance_scale']}), decoded sample 1 of each "
+          f"class at k={ks} and {s - 1} more at k={n} in {time.perf_counter() - start:.1f}s")
     print(f"wrote {path.resolve()}")
     return path
 

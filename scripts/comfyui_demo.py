@@ -13,8 +13,8 @@ always started with ``--base-directory COMFYUI_BASE``, so another folder keeps t
                                      (refreshed on every run) and Load Image set to a sample photo.
 
 Then it starts ComfyUI (``--cpu --listen 127.0.0.1 --port PORT``) in the foreground, or with ``--check`` in the background:
-it queues the reconstruct workflow through ``POST /prompt``, waits for ``/history``, prints the output files and
-stops the server. Exit status 0 = success, 1 = failure, 2 = bad usage.
+it queues each example workflow whose demo model is installed (reconstruct, then AR generate) through
+``POST /prompt``, waits for ``/history``, prints the output files and stops the server. Exit status 0 = success, 1 = failure, 2 = bad usage.
 """
 from __future__ import annotations
 
@@ -145,23 +145,34 @@ def output_root(base: Path, extra: list[str]) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- --check
 def check(srv: ComfyServer, base: Path, extra: list[str], run_timeout: float) -> list[Path]:
+    """Run every installed example workflow whose demo model is linked; -> the PNGs they saved."""
     info = srv.object_info()
     if "FlexTokLoad" not in info:
         log = srv.log_path.read_text(errors="replace").splitlines()
         lines = [line for line in log if PACK in line or "IMPORT FAILED" in line or "Error" in line]
         fail(f"ComfyUI started but the FlexTok nodes are not registered. From {srv.log_path}:\n"
              + "\n".join(lines[-20:]) + f"\n--- last lines ---\n{srv.log_tail(40)}")
-    model = WORKFLOW_MODELS[CHECK_WORKFLOW]
     options = info["FlexTokLoad"]["input"]["required"]["model_name"][1]["options"]
-    if model not in options:
-        fail(f"Load FlexTok does not offer {model!r} (it offers {options}); models/flextok/ is {base / 'models/flextok'}")
-    workflow = base / "user" / "default" / "workflows" / CHECK_WORKFLOW
+    if WORKFLOW_MODELS[CHECK_WORKFLOW] not in options:
+        fail(f"Load FlexTok does not offer {WORKFLOW_MODELS[CHECK_WORKFLOW]!r} (it offers {options}); "
+             f"models/flextok/ is {base / 'models/flextok'}")
+    pngs = []
+    for name, model in WORKFLOW_MODELS.items():
+        if model not in options:
+            say(f"{name}: demo model {model!r} not installed, skipped")
+            continue
+        pngs += run_workflow(srv, base, base / "user" / "default" / "workflows" / name, info, extra, run_timeout)
+    return pngs
+
+
+def run_workflow(srv: ComfyServer, base: Path, workflow: Path, info: dict, extra: list[str],
+                 run_timeout: float) -> list[Path]:
     prompt = ui_to_api(json.loads(workflow.read_text()), info)
     say(f"queueing {workflow.name} (POST /prompt)")
     t0 = time.monotonic()
     status, body = srv.queue(prompt)
     if status != 200:
-        fail(f"/prompt refused the workflow ({status}):\n{json.dumps(body, indent=1)[-3000:]}")
+        fail(f"/prompt refused {workflow.name} ({status}):\n{json.dumps(body, indent=1)[-3000:]}")
     pid = body["prompt_id"]
     try:
         history = srv.wait_history(pid, timeout=run_timeout)
@@ -171,7 +182,7 @@ def check(srv: ComfyServer, base: Path, extra: list[str], run_timeout: float) ->
     if run.status != "success":
         err = run.error or {}
         trace = "".join(err.get("traceback") or [])[-2500:]
-        fail(f"the workflow failed in node {err.get('node_id')} ({err.get('node_type')}): "
+        fail(f"{workflow.name} failed in node {err.get('node_id')} ({err.get('node_type')}): "
              f"{err.get('exception_type')}: {err.get('exception_message')}\n{trace}"
              f"\n--- last lines of {srv.log_path} ---\n{srv.log_tail(30)}")
     root = output_root(base, extra)
@@ -184,8 +195,8 @@ def check(srv: ComfyServer, base: Path, extra: list[str], run_timeout: float) ->
             tokens.append(root / item.get("subfolder", "") / item["filename"])
     pngs = [p for p in images if p.suffix == ".png" and p.is_file()]
     if not pngs:
-        fail(f"the workflow ran but saved no PNG (outputs: {json.dumps(run.outputs)[:1500]})")
-    say(f"workflow finished in {time.monotonic() - t0:.1f}s; output images in {root}:")
+        fail(f"{workflow.name} ran but saved no PNG (outputs: {json.dumps(run.outputs)[:1500]})")
+    say(f"{workflow.name} finished in {time.monotonic() - t0:.1f}s; output images in {root}:")
     for p in pngs:
         print(f"  {p}", flush=True)
     for p in tokens:

@@ -3,7 +3,7 @@
 #
 # Usage: bash scripts/comfyui_demo.sh [--check] [extra ComfyUI arguments ...]
 #   (no option)  start the server in the foreground at http://127.0.0.1:$PORT; Ctrl-C stops it
-#   --check      (or SMOKE=1) start it in the background, run the reconstruct workflow through the HTTP API
+#   --check      (or SMOKE=1) start it in the background, run the example workflows through the HTTP API
 #                (POST /prompt, GET /history), print the output images, stop the server; exit 0 only on success
 #
 # Steps (every one idempotent):

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Quick start: set up .venv, then reconstruct a sample image at 1..N tokens into a coarse-to-fine grid.
+# Quick start: set up .venv, then reconstruct the sample photos at 1..N tokens into a coarse-to-fine grid and
+# generate one row per Fashion-MNIST class with the AR demo model (out/coarse_to_fine.png, out/generated_by_class.png).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

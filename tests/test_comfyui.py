@@ -235,7 +235,8 @@ def test_core_model_folders_and_identity(tmp_path, golden_pipe):
 def test_comfyui_demo_script_check(tmp_path):
     """README's third quick-start command, `bash scripts/comfyui_demo.sh --check`, in a throw-away COMFYUI_BASE (the
     install itself stays untouched): pack, demo models and workflows installed, the reconstruct example run on
-    demo_models/photo_tokenizer through POST /prompt, PNGs printed, server stopped."""
+    demo_models/photo_tokenizer and the AR example on demo_models/fashion_ar through POST /prompt, PNGs printed,
+    server stopped."""
     _ensure_comfyui()
     base = tmp_path / "comfy_demo"
     env = {k: v for k, v in os.environ.items() if k not in ("SMOKE", "STARTUP_TIMEOUT", "RUN_TIMEOUT")}
@@ -256,11 +257,15 @@ def test_comfyui_demo_script_check(tmp_path):
         for ui in (json.loads(path.read_text()), json.loads((base / "user/default/workflows" / path.name).read_text())):
             assert [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "FlexTokLoad"] == [model], path.name
 
-    # what it made: the PNGs it printed, 64x64 like the demo model, under the base's output/
+    # what it made: the PNGs it printed, under the base's output/: the reconstructions 64x64 like the photo demo
+    # model, the AR samples 32x32 like the Fashion-MNIST one
     printed = [Path(line.strip()) for line in res.stdout.splitlines() if line.strip().endswith(".png")]
     assert printed, res.stdout[-3000:]
     assert all(p.is_file() and (base / "output") in p.parents for p in printed), printed
-    assert {PIL.Image.open(p).size for p in printed} == {(64, 64)}
+    sizes = {p.name: PIL.Image.open(p).size for p in printed}
+    assert "flextok_reconstruct.json finished" in res.stdout and "flextok_ar_generate.json finished" in res.stdout
+    assert {PIL.Image.open(p).size for p in printed if "/ar" not in str(p.relative_to(base))} == {(64, 64)}, sizes
+    assert {PIL.Image.open(p).size for p in printed if "/ar" in str(p.relative_to(base))} == {(32, 32)}, sizes
 
 
 # ------------------------------------------------------------------------------------------------ server

@@ -1,5 +1,6 @@
 """The quick-start job (python -m flextok_kit.demo) runs and writes its grid."""
 import PIL.Image
+import pytest
 
 from flextok_kit import demo
 
@@ -15,6 +16,10 @@ def test_demo_default_model(tmp_path, capsys):
     im = PIL.Image.open(path)
     n_samples = max(1, len(list(demo.SAMPLES.glob("*.jpg"))))
     assert im.size[1] > n_samples * 64
+    # the generation part: one row per Fashion-MNIST class, prefixes 1..16 + 3 more samples, 64-px tiles
+    gen = tmp_path / "generated_by_class.png"
+    assert gen.is_file() and "AR model:" in out and "10 classes, 16 tokens" in out
+    assert PIL.Image.open(gen).size[1] > 10 * 64
 
 
 def test_demo_embedded_model_present():
@@ -26,5 +31,11 @@ def test_demo_other_model_and_images(tmp_path):
     img = tmp_path / "in.png"
     PIL.Image.new("RGB", (80, 50), (200, 40, 40)).save(img)
     path = demo.main(["--model", str(GOLDEN), "--images", str(img), "--steps", "1", "--size", "32",
-                      "--out", str(tmp_path / "o")])
+                      "--out", str(tmp_path / "o"), "--no-ar"])
     assert PIL.Image.open(path).size[0] > 32 * 7
+    assert not (tmp_path / "o" / "generated_by_class.png").exists()
+
+
+def test_demo_ar_model_must_be_a_pipeline(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
+        demo.main(["--steps", "1", "--out", str(tmp_path), "--ar-model", str(tmp_path / "nothing")])
