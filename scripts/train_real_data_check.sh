@@ -7,9 +7,10 @@
 #   4. prints PSNR / SSIM / ST-LPIPS versus the number of tokens (and the VAE alone) on the held-out crops.
 #
 # Usage: bash scripts/train_real_data_check.sh            (env: OUT, RES, VAE_STEPS, TOK_STEPS, REPA, PYTHON)
-# The README table / demo_models/photo_tokenizer came from two runs (the second resumes the tokenizer at step 2000):
+# The README table / demo_models/photo_tokenizer came from three runs (each resumes the tokenizer):
 #   VAE_STEPS=1000 TOK_STEPS=2000 bash scripts/train_real_data_check.sh && \
-#   VAE_STEPS=1000 TOK_STEPS=4000 bash scripts/train_real_data_check.sh        (about 45 min on 2 shared cores)
+#   VAE_STEPS=1000 TOK_STEPS=4000 bash scripts/train_real_data_check.sh && \
+#   VAE_STEPS=1000 TOK_STEPS=10000 bash scripts/train_real_data_check.sh       (about 90 min on 2 shared cores)
 # Run again with a larger TOK_STEPS to continue training from the last checkpoint.
 # Needs root for apt-get (skipped when the photos are already installed or when not root).
 set -euo pipefail
