@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .evaluation import default_token_counts
 from .pipelines import FlexTokPipeline
 from .pipelines.image_grid import labelled_grid, save_image_atomic
 
@@ -92,7 +93,7 @@ def main(argv=None):
     parser.add_argument("--no-ar", action="store_true", help="skip the generation part")
     parser.add_argument("--samples", type=int, default=4, help="samples per class in the generation grid")
     parser.add_argument("--ar-guidance", type=float, default=None,
-                        help="AR classifier-free guidance (default: the model card's value, else 3)")
+                        help="AR classifier-free guidance (default 3: the demo model's best, see its model card)")
     args = parser.parse_args(argv)
 
     ar_path = Path(args.ar_model) if args.ar_model else AR_DEMO_MODEL
@@ -104,9 +105,7 @@ def main(argv=None):
     guidance = args.guidance if args.guidance is not None else (3.0 if "demo photo tokenizer" in source else 7.5)
     size = args.size or min(*pipe.default_image_size, 64)
     images, names = load_images(args.images, size)
-    n = pipe.num_registers
-    ks = [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]
-    ks += [n] if ks[-1] != n else []
+    ks = default_token_counts(pipe.num_registers)
 
     from .training.models import psnr
 
@@ -152,8 +151,7 @@ def generate_class_grid(folder: Path, args) -> Path:
     names = {int(i): str(c) for i, c in (ar.config.id2label or {}).items()}
     classes = list(range(ar.config.num_classes))
     n = min(ar.config.max_tokens, pipe.num_registers)
-    ks = [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]
-    ks += [n] if ks[-1] != n else []
+    ks = default_token_counts(n)
     s = max(1, args.samples)
     g = torch.Generator().manual_seed(args.seed)
     labels = [c for c in classes for _ in range(s)]                                   # class-major
@@ -164,11 +162,12 @@ def generate_class_grid(folder: Path, args) -> Path:
     noise = pipe.prepare_latents(len(first), h, w, torch.float32, pipe._execution_device, g)
     decode = dict(num_inference_steps=args.steps, guidance_scale=settings["guidance_scale"], output_type="pt")
     prefixes = [pipe.detokenize(first[:, :k], latents=noise, **decode).images for k in ks]  # len(ks) x [C,3,h,w]
-    full = pipe.detokenize(ids, generator=g, **decode).images.view(len(classes), s, 3, h, w)
+    more = ids.view(len(classes), s, n)[:, 1:].reshape(-1, n)                         # samples 2..s
+    full = pipe.detokenize(more, generator=g, **decode).images.view(len(classes), s - 1, 3, h, w) if s > 1 else None
     to_pil = lambda t: pipe.image_processor.postprocess(t[None] * 2 - 1, output_type="pil")[0]  # noqa: E731
     scale = max(args.scale, 64 // max(h, 1))
     big = lambda im: im.resize((im.size[0] * scale, im.size[1] * scale), 0)  # noqa: E731  (NEAREST)
-    rows = [[big(to_pil(p[c])) for p in prefixes] + [big(to_pil(full[c, j])) for j in range(1, s)]
+    rows = [[big(to_pil(p[c])) for p in prefixes] + [big(to_pil(full[c, j])) for j in range(s - 1)]
             for c in range(len(classes))]
     cols = [f"{k} token" + ("s" if k > 1 else "") for k in ks] + [f"sample {j + 1}" for j in range(1, s)]
     grid = labelled_grid(rows, cols, row_labels=[names.get(c, str(c)) for c in classes])
