@@ -29,7 +29,8 @@ from .pipelines.image_grid import labelled_grid, save_image_atomic
 HERE = Path(__file__).resolve().parent
 DEMO_MODEL = HERE / "demo_models" / "photo_tokenizer"
 AR_DEMO_MODEL = HERE / "demo_models" / "fashion_ar"
-SAMPLES = HERE / "demo_models" / "samples"
+SAMPLES = HERE / "demo_models" / "samples"                  # held-out photos
+FASHION_SAMPLES = HERE / "demo_models" / "fashion_samples"  # held-out Fashion-MNIST test items, 2 per class
 GOLDEN = HERE.parent / "shared" / "golden" / "flextok_tiny"
 
 

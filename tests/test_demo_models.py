@@ -20,7 +20,7 @@ from flextok_kit.training import prepare_fashion_mnist as fm
 from flextok_kit.training.utils import read_metrics
 
 FASHION = demo.AR_DEMO_MODEL
-SAMPLES = demo.SAMPLES / "fashion"
+SAMPLES = demo.FASHION_SAMPLES
 IGNORED = {"_name_or_path", "_diffusers_version", "_class_name", "_use_default_values"}
 
 
@@ -132,3 +132,26 @@ def test_fashion_ar_retrains_from_committed_configs(fashion_tokenizer_run, tmp_p
     assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
     assert config_of(out / "export") == config_of(FASHION / "ar_model")
     assert (out / "export_pipeline" / "model_index.json").is_file()
+
+
+def test_flextok_eval_on_demo_tokenizers_improves_with_tokens(tmp_path):
+    """Issue acceptance: `flextok eval` on the demo tokenizers prints metrics that improve with more tokens (here on
+    the bundled held-out samples, deterministic seeds; the model cards have the full held-out tables)."""
+    from flextok_kit import cli
+
+    out = tmp_path / "fashion.json"
+    cli.main(["eval", str(SAMPLES), "--model", str(FASHION), "--size", "32", "--tokens", "1", "4", "16", "--steps",
+              "10", "--guidance", "3", "--perceptual", "none", "--features", "none", "--json", str(out), "--quiet"])
+    rows = [r for r in json.loads(out.read_text())[0]["rows"] if r["kind"] == "tokens"]
+    assert [r["tokens"] for r in rows] == [1, 4, 16]
+    for key in ("psnr", "ssim"):
+        values = [r[key] for r in rows]
+        assert values == sorted(values) and values[0] < values[-1], (key, values)
+    assert rows[-1]["psnr"] > rows[0]["psnr"] + 2.0
+
+    out = tmp_path / "photo.json"
+    cli.main(["eval", str(demo.SAMPLES), "--model", str(demo.DEMO_MODEL), "--size", "64", "--fit", "resize",
+              "--tokens", "1", "16", "--steps", "10", "--guidance", "3", "--perceptual", "none", "--features", "none",
+              "--json", str(out), "--quiet"])
+    rows = [r for r in json.loads(out.read_text())[0]["rows"] if r["kind"] == "tokens"]
+    assert rows[1]["psnr"] > rows[0]["psnr"] + 1.0 and rows[1]["ssim"] > rows[0]["ssim"], rows
