@@ -25,7 +25,7 @@ from .data import fixed_batch, make_loader
 from .loop import training_loop
 from .models import count_params, save_pretrained_atomic
 from .utils import (CheckpointManager, build_ema, ema_checkpoint_slots, gathered_state_dict, build_accelerator,
-                    build_adamw, init_run, logger, lr_at, merged_defaults, resolve_max_steps, set_lr)
+                    build_adamw, init_run, logger, merged_defaults, optimizer_update, resolve_max_steps)
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/ar",
@@ -218,20 +218,12 @@ def main(argv=None, cfg=None):
         return {"class_labels": batch["label"].to(device)}
 
     def train_step(batch, state):
-        out = {}
         cond = condition(batch)
         with accelerator.accumulate(module):
             with accelerator.autocast():
                 loss = module(batch["tokens"].to(device), **cond)
             accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                if oc.grad_clip:
-                    out["grad_norm"] = accelerator.clip_grad_norm_(module.parameters(), float(oc.grad_clip))
-                lr = lr_at(state.step, float(oc.lr), int(oc.warmup_steps), total, oc.schedule, float(oc.min_lr_ratio))
-                set_lr(optimizer, lr)
-                out["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            out = optimizer_update(accelerator, module, optimizer, oc, state.step, total)
         out["loss"] = loss.detach()
         return out
 

@@ -32,7 +32,7 @@ from .models import build_flextok, count_params, load_vae, save_pretrained_atomi
 from .repa import build_repa_target
 from .shards import ShardReader, fingerprint, run_sharded
 from .utils import (CheckpointManager, build_ema, ema_checkpoint_slots, gathered_state_dict, build_accelerator,
-                    build_adamw, init_run, logger, lr_at, merged_defaults, resolve_max_steps, set_lr)
+                    build_adamw, init_run, logger, merged_defaults, optimizer_update, resolve_max_steps)
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/tokenizer",
@@ -368,14 +368,7 @@ def main(argv=None, cfg=None, repa_encoder=None):
             with accelerator.autocast():
                 out = module(x0, target)
             accelerator.backward(out["loss"])
-            if accelerator.sync_gradients:
-                if oc.grad_clip:
-                    out["grad_norm"] = accelerator.clip_grad_norm_(module.parameters(), float(oc.grad_clip))
-                lr = lr_at(state.step, float(oc.lr), int(oc.warmup_steps), total, oc.schedule, float(oc.min_lr_ratio))
-                set_lr(optimizer, lr)
-                out["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            out.update(optimizer_update(accelerator, module, optimizer, oc, state.step, total))
         return {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}
 
     fixed = fixed_batch(dataset, int(cfg.eval_batch_size), collate_fn=collate_fn)

@@ -23,7 +23,7 @@ from .loop import training_loop
 from .losses import (PatchDiscriminator, adaptive_weight, build_perceptual, hinge_d_loss, hinge_g_loss, kl_loss)
 from .models import build_vae, count_params, load_vae, psnr, save_pretrained_atomic, ssim
 from .utils import (CheckpointManager, build_ema, ema_checkpoint_slots, gathered_state_dict, build_accelerator,
-                    build_adamw, init_run, logger, lr_at, merged_defaults, resolve_max_steps, set_lr)
+                    build_adamw, init_run, logger, merged_defaults, optimizer_update, resolve_max_steps)
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/vae",
@@ -150,14 +150,7 @@ def main(argv=None, cfg=None):
                     loss = loss + w * g
                     out.update(g_loss=g.detach(), d_weight=w)
             accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                if oc.grad_clip:
-                    out["grad_norm"] = accelerator.clip_grad_norm_(module.parameters(), float(oc.grad_clip))
-                lr = lr_at(state.step, float(oc.lr), int(oc.warmup_steps), total, oc.schedule, float(oc.min_lr_ratio))
-                set_lr(opt_g, lr)
-                out["lr"] = lr
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
+            out.update(optimizer_update(accelerator, module, opt_g, oc, state.step, total))
             out["loss"] = loss.detach()
             if gan_on:
                 with accelerator.autocast():  # one forward over [real, fake] (one DDP forward per backward)

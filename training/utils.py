@@ -203,6 +203,22 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, schedu
     return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * factor)
 
 
+def optimizer_update(accelerator, module, optimizer, optim_cfg, step: int, total_steps: int) -> dict:
+    """The update after ``accelerator.backward`` inside ``accelerator.accumulate``: on a sync step clip the gradients
+    (``grad_clip``) and set the scheduled learning rate; then step and zero the optimizer. -> values to log."""
+    out = {}
+    if accelerator.sync_gradients:
+        if optim_cfg.grad_clip:
+            out["grad_norm"] = accelerator.clip_grad_norm_(module.parameters(), float(optim_cfg.grad_clip))
+        lr = lr_at(step, float(optim_cfg.lr), int(optim_cfg.warmup_steps), total_steps, optim_cfg.schedule,
+                   float(optim_cfg.min_lr_ratio))
+        set_lr(optimizer, lr)
+        out["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
