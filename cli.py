@@ -15,11 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 FITS = ("none", "center-crop", "resize")
 
 
 from .flextok_core.fileio import atomic_write
+from .images import IMAGE_SUFFIXES, find_images, load_image, to_tensor  # noqa: F401  (re-exported)
 
 
 class CLIError(Exception):
@@ -27,48 +27,6 @@ class CLIError(Exception):
 
 
 # -- images -----------------------------------------------------------------------------------------
-def find_images(inputs: list[str]) -> list[Path]:
-    files = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            if not found:
-                raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise CLIError(f"no such file or folder: {path}")
-    return files
-
-
-def load_image(path: Path):
-    """Any PIL-readable image as 8-bit RGB: EXIF rotation applied, 16-bit scaled, alpha composited on white."""
-    import numpy as np
-    import PIL.Image
-    import PIL.ImageOps
-
-    try:
-        with PIL.Image.open(path) as im:
-            im.load()
-            im = PIL.ImageOps.exif_transpose(im)
-    except Exception as e:
-        raise CLIError(f"cannot read image {path}: {e}") from e
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        im = PIL.Image.fromarray((arr / top * 255).round().clip(0, 255).astype(np.uint8))
-    elif im.mode == "F":
-        arr = np.asarray(im, dtype=np.float64)
-        im = PIL.Image.fromarray((arr.clip(0, 1) * 255).round().astype(np.uint8))
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = PIL.Image.alpha_composite(background, rgba)
-    return im.convert("RGB")
-
-
 def fit_image(im, pipe, fit: str, size: int | None, path: Path):
     """Apply ``--fit`` so the model can take the image, or explain which sizes it can take."""
     import PIL.Image
@@ -117,14 +75,6 @@ def batches(items, size):
         yield items[i : i + size]
 
 
-def images_to_tensor(pil_images):
-    import numpy as np
-    import torch
-
-    arr = np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in pil_images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2)
-
-
 def grouped_by_size(paths, pipe, args):
     """Load and fit images, then group them by size (one batch holds one size)."""
     groups: dict = {}
@@ -168,7 +118,7 @@ def cmd_tokenize(args):
     with tqdm(total=len(paths), desc="tokenize", unit="img", disable=args.quiet) as bar:
         for (w, h), items in groups.items():
             for batch in batches(items, args.batch_size):
-                ids = pipe.tokenize(images_to_tensor([im for _, im in batch]), num_tokens=k, generator=generator,
+                ids = pipe.tokenize(to_tensor([im for _, im in batch]), num_tokens=k, generator=generator,
                                     sample_posterior=False if args.deterministic else None)
                 rows.append(ids.cpu().to(torch.int32))
                 files += [str(p) for p, _ in batch]
@@ -198,7 +148,7 @@ def cmd_reconstruct(args):
     rows = []
     for (w, h), items in groups.items():
         for batch in batches(items, args.batch_size):
-            out = pipe(image=images_to_tensor([im for _, im in batch]), num_tokens=ks, generator=generator,
+            out = pipe(image=to_tensor([im for _, im in batch]), num_tokens=ks, generator=generator,
                        num_inference_steps=args.steps, guidance_scale=args.guidance, use_apg=not args.no_apg,
                        decode_batch_size=args.decode_batch_size, output_type="pil")
             for i, (_, im) in enumerate(batch):
@@ -461,9 +411,19 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except CLIError as e:
-        print(f"flextok {args.command}: error: {e}", file=sys.stderr)
+    except (CLIError, ValueError, TypeError, OSError) as e:
+        # the library validates at its boundary and says what is wrong; a user needs that line, not a traceback
+        # (FLEXTOK_DEBUG=1 shows it for bug reports)
+        if os.environ.get("FLEXTOK_DEBUG"):
+            raise
+        message = str(e) or type(e).__name__
+        if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in message:
+            message = f"{message}: {e.filename}"
+        print(f"flextok {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"flextok {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -68,7 +68,7 @@ def load_images(inputs: list[str] | None, size: int) -> tuple[torch.Tensor, list
     from .evaluation import load_folder
 
     if inputs:
-        from .cli import find_images
+        from .images import find_images
 
         paths = find_images(inputs)
         return load_folder(paths, size), [p.stem for p in paths]

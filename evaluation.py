@@ -159,7 +159,7 @@ def load_folder(inputs, size: int, fit: str = "center-crop", limit: int | None =
     """Image files / folders -> ``[N,3,size,size]`` in [-1,1] (``fit``: center-crop or resize, see ``flextok``)."""
     import PIL.Image
 
-    from .cli import find_images, load_image
+    from .images import find_images, load_image
 
     paths = find_images([str(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)])
     if limit:
