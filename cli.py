@@ -1,7 +1,8 @@
-"""The ``flextok`` command line: convert, tokenize, reconstruct, generate, eval, info.
+"""The ``flextok`` command line: convert, tokenize, detokenize, reconstruct, generate, eval, info.
 
     flextok convert EPFL-VILAB/flextok_d18_d18_in1k out/flextok_d18_d18
     flextok tokenize photos/ --model out/flextok_d18_d18 --out tokens.safetensors
+    flextok detokenize tokens.safetensors --model out/flextok_d18_d18 --num-tokens 16 --out decoded/
     flextok reconstruct photo.jpg --model out/flextok_d18_d18 --tokens 1 4 16 64 256 --out grid.png
     flextok generate --model my_ar_pipeline --class 207 --class "tabby cat" --num-tokens 16 64 --out samples.png
     flextok eval photos/ --model out/flextok_d18_d18 --json eval.json --plot eval.png
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -18,7 +20,6 @@ from pathlib import Path
 FITS = ("none", "center-crop", "resize")
 
 
-from .flextok_core.fileio import atomic_write
 from .images import IMAGE_SUFFIXES, find_images, load_image, to_tensor  # noqa: F401  (re-exported)
 
 
@@ -27,21 +28,42 @@ class CLIError(Exception):
 
 
 # -- images -----------------------------------------------------------------------------------------
+def fitted_size(w: int, h: int, pipe, fit: str, size: int | None, path: Path) -> tuple[int, int]:
+    """(width, height) that ``--fit`` makes of a w x h image, or a CLIError saying which sizes the model takes."""
+    max_h, max_w = pipe.default_image_size
+    unit = pipe.vae_scale_factor * pipe.flextok.config.patch_size
+    if fit == "none":
+        if w % unit or h % unit or w > max_w or h > max_h:
+            raise CLIError(f"{path}: {w}x{h} is not a size this model takes (width and height must be multiples of "
+                           f"{unit}, at most {max_w}x{max_h}); pass --fit center-crop or --fit resize")
+        return w, h
+    target = size or min(max_h, max_w)
+    if target % unit or target > min(max_h, max_w):
+        raise CLIError(f"--size {target}: must be a multiple of {unit} and at most {min(max_h, max_w)}")
+    return target, target
+
+
+def probe_image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as :func:`load_image` will deliver it (EXIF rotation applied), from the header alone: a
+    cheap pass over every input that refuses unreadable files and sizes before anything is written."""
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except Exception as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # these EXIF orientations turn the image by 90 degrees
+
+
 def fit_image(im, pipe, fit: str, size: int | None, path: Path):
     """Apply ``--fit`` so the model can take the image, or explain which sizes it can take."""
     import PIL.Image
 
-    max_h, max_w = pipe.default_image_size
-    unit = pipe.vae_scale_factor * pipe.flextok.config.patch_size
+    target, _ = fitted_size(*im.size, pipe, fit, size, path)
     if fit == "none":
-        w, h = im.size
-        if w % unit or h % unit or w > max_w or h > max_h:
-            raise CLIError(f"{path}: {w}x{h} is not a size this model takes (width and height must be multiples of "
-                           f"{unit}, at most {max_w}x{max_h}); pass --fit center-crop or --fit resize")
         return im
-    target = size or min(max_h, max_w)
-    if target % unit or target > min(max_h, max_w):
-        raise CLIError(f"--size {target}: must be a multiple of {unit} and at most {min(max_h, max_w)}")
     if fit == "resize":
         return im.resize((target, target), PIL.Image.BICUBIC)
     w, h = im.size
@@ -59,6 +81,9 @@ def load_pipeline(args):
 
     if not args.model:
         raise CLIError("no model given: pass --model <folder or hub id> (or set FLEXTOK_MODEL)")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components": the commands show their own progress
     try:
         pipe = FlexTokPipeline.load(args.model)
     except (ValueError, OSError) as e:
@@ -102,33 +127,226 @@ def cmd_convert(args):
 
 
 def cmd_tokenize(args):
-    import torch
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     pipe = load_pipeline(args)
+    pipe.set_progress_bar_config(disable=True)
     n = pipe.num_registers
-    k = args.num_tokens or n
+    k = n if args.num_tokens is None else args.num_tokens
     if not 1 <= k <= n:
         raise CLIError(f"--num-tokens must be in 1..{n}")
+    out = Path(args.out)
+    sharded = out.suffix != ".safetensors"
+    if not sharded and (args.shard_size or args.resume):
+        raise CLIError(f"--out {out}: --shard-size and --resume write a folder of shards; give --out a folder name "
+                       "(without .safetensors)")
     paths = find_images(args.inputs)
-    groups = grouped_by_size(paths, pipe, args)
-    generator = torch.Generator().manual_seed(args.seed)
-    rows, files, sizes = [], [], []
-    with tqdm(total=len(paths), desc="tokenize", unit="img", disable=args.quiet) as bar:
-        for (w, h), items in groups.items():
-            for batch in batches(items, args.batch_size):
-                ids = pipe.tokenize(to_tensor([im for _, im in batch]), num_tokens=k, generator=generator,
-                                    sample_posterior=False if args.deterministic else None)
-                rows.append(ids.cpu().to(torch.int32))
-                files += [str(p) for p, _ in batch]
-                sizes += [[h, w]] * len(batch)
-                bar.update(len(batch))
-    metadata = {"format": "flextok-tokens/1", "model": str(args.model), "fingerprint": pipe.fingerprint,
-                "files": json.dumps(files), "image_sizes": json.dumps(sizes), "num_tokens": str(k)}
-    ids = torch.cat(rows)
-    atomic_write(Path(args.out), lambda tmp: save_file({"ids": ids}, tmp, metadata=metadata))
-    print(f"wrote {len(files)} x {k} token ids to {args.out}")
+    # every input is opened (header only) and size-checked before anything is tokenized or written
+    sizes = [fitted_size(*probe_image_size(p), pipe, args.fit, args.size, p) for p in paths]
+    job = TokenizeJob(pipe, args, paths, sizes, k)
+    with tqdm(total=len(paths), desc="tokenize", unit="img", disable=args.quiet) as job.bar:
+        if not sharded:
+            job.tokens(0, len(paths)).save(out)
+            print(f"wrote {len(paths)} x {k} token ids to {out}")
+            return
+        done = write_token_shards(job, out, args.shard_size or DEFAULT_SHARD_SIZE, args.resume)
+    print(f"wrote {len(paths)} x {k} token ids to {out}/ ({done['written']} shard(s) written, {done['skipped']} "
+          "already done)")
+
+
+DEFAULT_SHARD_SIZE = 1000
+
+
+class TokenizeJob:
+    """Images -> a TokenFile for any range of them, streamed: at most one batch of images in memory at a time.
+
+    Rows keep the order of the inputs; inside a range, images are batched by size (one tensor per batch). The
+    posterior noise of a range is seeded from (--seed, its start), so a shard rewritten after an interrupt gets
+    the same ids."""
+
+    def __init__(self, pipe, args, paths, sizes, k):
+        self.pipe, self.args, self.paths, self.sizes, self.k = pipe, args, paths, sizes, k
+        self.fingerprint = pipe.fingerprint
+        self.bar = None
+        # what determines the ids: a shard folder is resumed only with the same of all of these
+        files = hashlib.sha256("\n".join(str(p.resolve()) for p in paths).encode()).hexdigest()
+        self.settings = {"model_fingerprint": self.fingerprint, "num_tokens": k, "num_files": len(paths),
+                         "files_sha256": files, "fit": args.fit, "size": args.size,
+                         "deterministic": args.deterministic, "seed": args.seed, "batch_size": args.batch_size,
+                         "dtype": args.dtype}
+
+    def tokens(self, start: int, end: int):
+        import torch
+
+        from .token_files import TokenFile
+
+        args = self.args
+        by_size: dict = {}
+        for i in range(start, end):
+            by_size.setdefault(self.sizes[i], []).append(i)
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + start)
+        rows, image_sizes = {}, {}
+        for members in by_size.values():
+            for batch in batches(members, args.batch_size):
+                loaded = [(i, fit_image(load_image(self.paths[i]), self.pipe, args.fit, args.size, self.paths[i]))
+                          for i in batch]
+                for size in dict.fromkeys(im.size for _, im in loaded):  # one tensor per size, should a probe be off
+                    part = [(i, im) for i, im in loaded if im.size == size]
+                    ids = self.pipe.tokenize(to_tensor([im for _, im in part]), num_tokens=self.k, generator=generator,
+                                             sample_posterior=False if args.deterministic else None).cpu()
+                    for (i, _), row in zip(part, ids):
+                        rows[i], image_sizes[i] = row, (size[1], size[0])
+                if self.bar is not None:
+                    self.bar.update(len(batch))
+        order = range(start, end)
+        return TokenFile(torch.stack([rows[i] for i in order]), self.fingerprint, str(args.model),
+                         sources=[str(self.paths[i]) for i in order], image_sizes=[image_sizes[i] for i in order],
+                         num_registers=self.pipe.num_registers, vocab_size=self.pipe.flextok.vocab_size,
+                         extra={"tokenize": {key: self.settings[key] for key in
+                                             ("fit", "size", "deterministic", "seed", "dtype")}})
+
+
+def write_token_shards(job: TokenizeJob, out: Path, shard_size: int, resume: bool) -> dict:
+    """Shards of ``shard_size`` images (training/shards.py: each written atomically, ``index.json`` at the end).
+    ``resume`` skips finished shards; shards of another job (settings or model) are refused before any write."""
+    from .token_files import INDEX, SHARD_GLOB, read_header
+    from .training.shards import fingerprint, plan, run_sharded, shard_name
+
+    if shard_size < 1:
+        raise CLIError(f"--shard-size must be at least 1, got {shard_size}")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; sharded output goes to a folder")
+    settings = dict(job.settings, shard_size=shard_size)
+    fp = fingerprint(settings)
+    existing = sorted(out.glob(SHARD_GLOB)) + ([out / INDEX] if (out / INDEX).is_file() else [])
+    if existing and not resume:
+        raise CLIError(f"{out} already holds token shards; pass --resume to finish an interrupted run with the same "
+                       "settings, or choose a new folder")
+    for path in existing:
+        try:
+            theirs = (json.loads(path.read_text()) if path.name == INDEX else
+                      read_header(path).get("__metadata__") or {}).get("fingerprint")
+        except ValueError as e:
+            raise CLIError(f"{path}: not a shard of this tool ({e}); choose a new folder") from None
+        if theirs != fp:
+            raise CLIError(f"{path} was written with other settings or another model (job fingerprint {theirs} != "
+                           f"{fp}); --resume only continues the same job: choose a new folder or delete the old shards")
+    shards = plan(len(job.paths), shard_size)
+    job.bar.update(sum(e - s for i, (s, e) in enumerate(shards) if (out / shard_name(i)).is_file()))
+    result = run_sharded(None, out, len(job.paths), shard_size, fp, lambda s, e: job.tokens(s, e).encode(),
+                         settings=settings, desc="tokenize", progress=False)
+    return {"written": len(result["written"]), "skipped": len(result["skipped"])}
+
+
+def cmd_detokenize(args):
+    from tqdm import tqdm
+
+    from .pipelines.image_grid import save_image_atomic
+
+    tokens, pipe, ks, sizes = checked_detokenize_inputs(args)
+    names = png_names(tokens, ks, Path(args.tokens))
+    # everything is checked: from here on, writes
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.set_progress_bar_config(disable=True)
+    rows = tokens.rows()
+    per_call = max(1, args.decode_batch_size // len(ks))  # rows per detokenize call: bounded memory for big files
+    with tqdm(total=len(rows) * len(ks), desc="detokenize", unit="img", disable=args.quiet) as bar:
+        for (h, w), members in group_rows_by_size(sizes).items():
+            for chunk in batches(members, per_call):
+                images = decode_rows(pipe, rows, chunk, ks, h, w, args)
+                for j, image in enumerate(images):
+                    save_image_atomic(image, out / names[chunk[j // len(ks)]][j % len(ks)])
+                bar.update(len(images))
+    print(f"wrote {len(rows) * len(ks)} image(s) to {out}")
+
+
+def checked_detokenize_inputs(args):
+    """The token file, the model, the K list and per-row sizes, all checked against each other (nothing is
+    written before this returns)."""
+    from .token_files import load_tokens
+
+    try:
+        tokens = load_tokens(args.tokens)
+    except FileNotFoundError:
+        raise CLIError(f"{args.tokens}: no such token file or folder") from None
+    if args.decode_batch_size < 1:
+        raise CLIError(f"--decode-batch-size must be at least 1, got {args.decode_batch_size}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; give a folder for the PNGs")
+    pipe = load_pipeline(args)
+    if tokens.model_fingerprint != pipe.fingerprint:
+        raise CLIError(f"{args.tokens}: these tokens were made by another model ('{tokens.model_name}', fingerprint "
+                       f"{tokens.model_fingerprint[:12]}), not by --model {args.model} (fingerprint "
+                       f"{pipe.fingerprint[:12]}); token ids only mean something to the model that made them")
+    n, vocab = pipe.num_registers, pipe.flextok.vocab_size
+    # (a matching fingerprint implies both; legacy CLI files do not record N and the vocabulary, so check)
+    if tokens.max_tokens > n:
+        raise CLIError(f"{args.tokens}: rows hold up to {tokens.max_tokens} tokens; --model {args.model} decodes "
+                       f"1..{n}")
+    top = int(max(r.max() for r in tokens.rows()))
+    if top >= vocab:
+        raise CLIError(f"{args.tokens}: token id {top} is outside [0, {vocab}) of --model {args.model}")
+    ks = sorted(set(args.num_tokens)) if args.num_tokens else [None]  # None: each row's own tokens
+    for k in ks:
+        if k is not None and not 1 <= k <= n:
+            raise CLIError(f"--num-tokens {k}: this model decodes 1..{n} tokens")
+        if k is not None and k > tokens.min_tokens:
+            i = int(tokens.lengths.argmin())
+            raise CLIError(f"--num-tokens {k}: row {i} ({tokens.sources[i] or 'no source'}) of {args.tokens} has only "
+                           f"{tokens.min_tokens} tokens; use K <= {tokens.min_tokens}")
+    sizes = [s or tuple(pipe.default_image_size) for s in tokens.image_sizes]
+    for h, w in set(sizes):
+        try:
+            pipe._check_image_size(h, w)
+        except ValueError as e:
+            raise CLIError(f"{args.tokens}: {e}") from None
+    return tokens, pipe, ks, sizes
+
+
+def png_names(tokens, ks, tokens_path: Path) -> list[list[str]]:
+    """Per row and K: ``<source stem>[_k<K>].png``. Rows without a source are named after the token file and the
+    row; clashing names get ``_1``, ``_2``, ... in row order (the same names on every run)."""
+    import re
+
+    from .images import IMAGE_SUFFIXES
+
+    stems = []
+    for i, source in enumerate(tokens.sources):
+        stem = Path(source).stem if Path(source).suffix.lower() in IMAGE_SUFFIXES else source
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")[:100]
+        stems.append(stem or f"{tokens_path.stem}_{i:05d}")
+    # compared case-folded: "Cat" and "cat" are one file on case-insensitive file systems
+    taken, used, names = {s.casefold() for s in stems}, set(), []
+    for stem in stems:
+        name, j = stem, 0
+        while name.casefold() in used or (j and name.casefold() in taken):  # a suffix must not take another's name
+            j += 1
+            name = f"{stem}_{j}"
+        used.add(name.casefold())
+        names.append(name)
+    suffix = (lambda k: f"_k{k}") if len(ks) > 1 else (lambda k: "")
+    return [[f"{name}{suffix(k)}.png" for k in ks] for name in names]
+
+
+def group_rows_by_size(sizes) -> dict:
+    groups: dict = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(size, []).append(i)
+    return groups
+
+
+def decode_rows(pipe, rows, chunk, ks, h, w, args):
+    """Rows ``chunk`` at every K, as PIL images (row-major). Row i's noise is seeded ``--seed + i`` whatever the
+    batch, so an image does not depend on how the file is split, and every K of a row starts from the same noise."""
+    import torch
+
+    seqs = [rows[i] if k is None else rows[i][:k] for i in chunk for k in ks]
+    gens = [torch.Generator().manual_seed(args.seed + i) for i in chunk for _ in ks]
+    return pipe.detokenize(seqs, generator=gens, height=h, width=w, num_inference_steps=args.steps,
+                           guidance_scale=args.guidance, use_apg=not args.no_apg,
+                           decode_batch_size=args.decode_batch_size).images
 
 
 def cmd_reconstruct(args):
@@ -163,9 +381,9 @@ def cmd_reconstruct(args):
 
 def cmd_generate(args):
     import torch
-    from safetensors.torch import save_file
 
     from .pipelines.image_grid import labelled_grid, save_image_atomic
+    from .token_files import TokenFile
 
     pipe = load_pipeline(args)
     if pipe.ar_model is None:
@@ -200,11 +418,13 @@ def cmd_generate(args):
             labels.append(f"{cond} @{k}")
     grid = labelled_grid(rows, [f"sample {j + 1}" for j in range(per)], row_labels=labels)
     save_image_atomic(grid, args.out)
-    if args.save_tokens:
-        meta = {"format": "flextok-tokens/1", "model": str(args.model), "fingerprint": pipe.fingerprint,
-                "conditions": json.dumps([str(c) for c in conditions for _ in range(per)])}
-        atomic_write(Path(args.save_tokens), lambda tmp: save_file({"ids": ids.cpu().to(torch.int32)}, tmp,
-                                                                   metadata=meta))
+    if args.save_tokens:  # rows are condition-major, like the grid; a row's source is its condition
+        TokenFile(ids, pipe.fingerprint, str(args.model), sources=[str(c) for c in conditions for _ in range(per)],
+                  image_sizes=[(size, size)] * ids.shape[0], num_registers=pipe.num_registers,
+                  vocab_size=pipe.flextok.vocab_size,
+                  extra={"sources_are": "conditions", "generate": {
+                      "ar_guidance": args.ar_guidance, "temperature": args.temperature, "top_k": args.top_k,
+                      "top_p": args.top_p, "seed": args.seed}}).save(args.save_tokens)
     print(f"wrote {args.out} ({len(conditions)} condition(s) x {per} sample(s) at {ks} tokens)")
 
 
@@ -322,14 +542,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("tokenize", help="images -> token ids in a safetensors file")
+    p = sub.add_parser("tokenize", help="images -> token ids in a token file (or a folder of token shards)")
     image_options(p)
     model_options(p)
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", required=True,
+                   help="a .safetensors token file, or a folder (any other name): shard-NNNNNN.safetensors files "
+                        "+ index.json")
+    p.add_argument("--shard-size", type=int,
+                   help=f"images per shard of a folder --out (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sharded run: finished shards are kept (same settings and model only)")
     p.add_argument("--num-tokens", type=int, help="keep the first k tokens (default: all)")
     p.add_argument("--deterministic", action="store_true",
                    help="encode the VAE posterior mean instead of a sample (the release samples)")
     p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("detokenize", help="a token file (or shard folder) -> one PNG per row")
+    p.add_argument("tokens", help="a token file (.safetensors, any version) or a folder of token shards")
+    model_options(p)
+    p.add_argument("--num-tokens", type=int, nargs="+",
+                   help="decode the first K tokens of every row; several K give one PNG each (suffix _k<K>); "
+                        "default: each row's own tokens")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--no-apg", action="store_true", help="plain classifier-free guidance instead of APG")
+    p.add_argument("--seed", type=int, default=0, help="row i's noise is seeded seed + i (the same at every K)")
+    p.add_argument("--decode-batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, help="output folder: <source stem>[_k<K>].png per row")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_detokenize)
 
     p = sub.add_parser("reconstruct", help="images -> labelled coarse-to-fine grid at several token budgets")
     image_options(p)

@@ -142,7 +142,7 @@ def _decode(model: FlexTokHandle, tokens: FlexTokTokens, ids, steps, guidance_sc
     tokens.check_model(model.identity, model.name)
     pipe = model.ready()
     n = len(ids)
-    h, w = tokens.image_size
+    h, w = tokens.image_size or model.image_size  # files that did not record a size: the model's default
     out = pipe.detokenize(
         ids, num_inference_steps=int(steps), guidance_scale=float(guidance_scale), use_apg=bool(use_apg),
         height=h, width=w, generator=generators or _generators(seed, n), output_type="pt",
@@ -240,7 +240,9 @@ class FlexTokTruncate(io.ComfyNode):
             description="Keep the first k tokens (the coarsest k) of every image.",
             inputs=[
                 FlexTokTokensType.Input("tokens"),
-                io.Int.Input("k", default=16, min=1, max=MAX_TOKENS, tooltip="tokens to keep: 1..N"),
+                io.Int.Input("k", default=16, min=1, max=MAX_TOKENS,
+                             tooltip="tokens to keep per image: 1..(tokens in the input). Images with fewer tokens "
+                                     "(ragged token files, e.g. a per-image k) keep all of theirs"),
             ],
             outputs=[FlexTokTokensType.Output(display_name="tokens")],
         )
@@ -273,7 +275,7 @@ class FlexTokDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, flextok_model, tokens, steps, guidance_scale, use_apg, seed) -> io.NodeOutput:
-        pixels = _decode(flextok_model, tokens, tokens.ids, steps, guidance_scale, use_apg, seed)
+        pixels = _decode(flextok_model, tokens, tokens.decode_input(), steps, guidance_scale, use_apg, seed)
         return io.NodeOutput(_to_image(pixels))
 
 
@@ -287,7 +289,8 @@ class FlexTokCoarseToFine(io.ComfyNode):
             inputs=[
                 FlexTokModelType.Input("flextok_model"), FlexTokTokensType.Input("tokens"),
                 io.String.Input("k_values", default="1,4,16,64,256",
-                                tooltip="comma-separated token counts, each in 1..(tokens in the input)"),
+                                tooltip="comma-separated token counts, each in 1..(tokens in the input; for "
+                                        "ragged tokens, in the shortest image)"),
                 *_sampling_inputs(),
                 io.Boolean.Input("label", default=True, tooltip="write k=... on each frame"),
             ],
@@ -306,7 +309,7 @@ class FlexTokCoarseToFine(io.ComfyNode):
 
     @classmethod
     def execute(cls, flextok_model, tokens, k_values, steps, guidance_scale, use_apg, seed, label) -> io.NodeOutput:
-        ks = parse_k_list(k_values, flextok_model.num_tokens, tokens.num_tokens)
+        ks = parse_k_list(k_values, flextok_model.num_tokens, tokens.min_tokens)  # every image has each k
         b = tokens.batch_size
         seqs = [tokens.ids[i, :k] for i in range(b) for k in ks]  # image-major: image 0 at every k, then image 1
         gens = [_generators(int(seed) + i, 1)[0] for i in range(b) for _ in ks]  # image i: the same noise at every k
@@ -357,8 +360,8 @@ class FlexTokLoadTokens(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FlexTokLoadTokens", display_name="FlexTok Load Tokens", category=CATEGORY,
-            description="Read tokens written by FlexTok Save Tokens, from the input folder or (marked [output]) the "
-                        "output folder.",
+            description="Read a FlexTok token file (from FlexTok Save Tokens or `flextok tokenize`; older versions "
+                        "too) from the input folder or (marked [output]) the output folder.",
             inputs=[io.Combo.Input("tokens_file", options=_token_file_options(),
                                    tooltip="a FlexTok token .safetensors file")],
             outputs=[FlexTokTokensType.Output(display_name="tokens")],

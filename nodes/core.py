@@ -1,25 +1,23 @@
 """ComfyUI-independent helpers behind the FlexTok nodes.
 
 Nothing here imports ComfyUI, so it can be tested (and reused) outside a ComfyUI process:
-model folders, model identity, the token container and its file format, image fitting, k lists, labels.
+model folders, model identity, the token container (its file format: token_files.py), image fitting, k lists,
+labels.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-TOKENS_FORMAT = "flextok_tokens"
-TOKENS_FORMAT_VERSION = "1"
+from .. import token_files
+from ..token_files import TokenFile
+
 FIT_MODES = ("center_crop", "stretch", "none")
-_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it) ...
-os.umask(_UMASK)  # ... and put back at once
 
 
 # ----------------------------------------------------------------------------------------------- model folders
@@ -81,17 +79,23 @@ class FlexTokTokens:
     """What flows through a FLEXTOK_TOKENS socket: ids plus where they came from.
 
     ids: LongTensor [B, k] on the CPU (the first k of the model's N coarse-to-fine tokens, per image).
+    lengths: LongTensor [B], each row's own k (ragged rows, e.g. a file with a per-image k: row i is valid up to
+        lengths[i], the rest is padding); None = every row has k tokens.
     model_id: :func:`model_identity` of the producing model; model_name: its dropdown name (for messages).
-    image_size: (height, width) of the images the tokens describe (Decode renders at this size).
+    image_size: (height, width) of the images the tokens describe (Decode renders at this size); None = the
+        model's default size (token files that did not record it).
+    sources: per row, the image file or condition it came from (kept when saved; may be empty strings).
     """
 
     ids: torch.Tensor
     model_id: str
     model_name: str
-    image_size: tuple[int, int]
-    num_registers: int
-    vocab_size: int
+    image_size: tuple[int, int] | None
+    num_registers: int | None
+    vocab_size: int | None
     extra: dict = field(default_factory=dict)
+    lengths: torch.Tensor | None = None
+    sources: list[str] | None = None
 
     def __post_init__(self):
         ids = torch.as_tensor(self.ids)
@@ -102,7 +106,13 @@ class FlexTokTokens:
         if ids.is_floating_point() or ids.dtype == torch.bool:
             raise ValueError(f"token ids must be integers, got {ids.dtype}")
         self.ids = ids.detach().to("cpu", torch.long).contiguous()
-        self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
+        k = self.ids.shape[1]
+        lengths = torch.full((self.ids.shape[0],), k) if self.lengths is None else torch.as_tensor(self.lengths)
+        if tuple(lengths.shape) != (self.ids.shape[0],) or bool(((lengths < 1) | (lengths > k)).any()):
+            raise ValueError(f"token lengths must be one value in 1..{k} per row, got {lengths.tolist()}")
+        self.lengths = lengths.to("cpu", torch.long)
+        if self.image_size is not None:
+            self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
 
     @property
     def batch_size(self) -> int:
@@ -110,21 +120,40 @@ class FlexTokTokens:
 
     @property
     def num_tokens(self) -> int:
+        """The longest row's k (every row's k unless ragged)."""
         return int(self.ids.shape[1])
 
-    def with_ids(self, ids: torch.Tensor) -> "FlexTokTokens":
+    @property
+    def min_tokens(self) -> int:
+        return int(self.lengths.min())
+
+    @property
+    def is_ragged(self) -> bool:
+        return self.min_tokens != self.num_tokens
+
+    def rows(self) -> list[torch.Tensor]:
+        return [self.ids[i, : int(n)] for i, n in enumerate(self.lengths)]
+
+    def decode_input(self):
+        """What ``pipe.detokenize`` takes: the [B,k] tensor, or a list of 1-D tensors when rows are ragged."""
+        return self.rows() if self.is_ragged else self.ids
+
+    def with_ids(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> "FlexTokTokens":
         return FlexTokTokens(ids, self.model_id, self.model_name, self.image_size, self.num_registers,
-                             self.vocab_size, dict(self.extra))
+                             self.vocab_size, dict(self.extra), lengths, self.sources)
 
     def truncate(self, k: int) -> "FlexTokTokens":
+        """The first k tokens of every row; ragged rows shorter than k keep all theirs (k must not exceed the
+        longest row: then truncating would do nothing, which is a mistake worth reporting)."""
         k = int(k)
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         if k > self.num_tokens:
+            n = f"N={self.num_registers}" if self.num_registers else "N"
             raise ValueError(
                 f"k={k} is more than the {self.num_tokens} tokens in the input (model '{self.model_name}' makes "
-                f"N={self.num_registers} tokens per image); use k in 1..{self.num_tokens}")
-        return self.with_ids(self.ids[:, :k])
+                f"{n} tokens per image); use k in 1..{self.num_tokens}")
+        return self.with_ids(self.ids[:, :k], self.lengths.clamp(max=k))
 
     def check_model(self, model_id: str, model_name: str) -> None:
         if self.model_id != model_id:
@@ -133,79 +162,49 @@ class FlexTokTokens:
                 f"(id {self.model_id[:12]}), but this node got '{model_name}' (id {model_id[:12]}). "
                 "Token ids only mean something to the model that made them; decode them with that model")
 
-    def metadata(self) -> dict[str, str]:
-        return {
-            "format": TOKENS_FORMAT, "format_version": TOKENS_FORMAT_VERSION, "model_id": self.model_id,
-            "model_name": self.model_name, "image_height": str(self.image_size[0]),
-            "image_width": str(self.image_size[1]), "num_registers": str(self.num_registers),
-            "vocab_size": str(self.vocab_size), "extra": json.dumps(self.extra, sort_keys=True),
-        }
+    def to_token_file(self) -> TokenFile:
+        return TokenFile(self.ids, self.model_id, self.model_name, self.lengths, self.sources,
+                         [self.image_size] * self.batch_size, self.num_registers, self.vocab_size, dict(self.extra))
+
+    @classmethod
+    def from_token_file(cls, tf: TokenFile) -> "FlexTokTokens":
+        sizes = set(tf.image_sizes)
+        if len(sizes) > 1:  # one IMAGE batch has one size
+            shown = ", ".join("default" if s is None else f"{s[0]}x{s[1]}" for s in sorted(sizes, key=str))
+            raise ValueError(f"the tokens describe images of several sizes ({shown}); a ComfyUI image batch has one "
+                             "size: tokenize with `flextok tokenize --fit center-crop --size S`")
+        return cls(tf.ids, tf.model_fingerprint, tf.model_name or "?", sizes.pop(), tf.num_registers, tf.vocab_size,
+                   dict(tf.extra), tf.lengths, tf.sources)
 
     def __repr__(self):
-        return (f"FlexTokTokens(batch={self.batch_size}, k={self.num_tokens}, model='{self.model_name}' "
-                f"{self.model_id[:12]}, image={self.image_size[0]}x{self.image_size[1]})")
+        k = f"k={self.num_tokens}" if not self.is_ragged else f"k={self.min_tokens}..{self.num_tokens}"
+        size = "default size" if self.image_size is None else f"image={self.image_size[0]}x{self.image_size[1]}"
+        return f"FlexTokTokens(batch={self.batch_size}, {k}, model='{self.model_name}' {self.model_id[:12]}, {size})"
 
 
 def save_tokens(tokens: FlexTokTokens, path: str) -> None:
-    """Write tokens as safetensors (tensor ``ids`` int64 [B,k], provenance in the metadata), atomically."""
-    from safetensors.torch import save_file
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({"ids": tokens.ids}, tmp, metadata=tokens.metadata())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write tokens as a FlexTok token file (see token_files.py), atomically."""
+    tokens.to_token_file().save(path)
 
 
 def read_safetensors_metadata(path: str) -> dict | None:
     """The ``__metadata__`` of a safetensors file (header only), or None if it is not one."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                return None
-            n = int.from_bytes(head, "little")
-            if not 2 <= n <= 10_000_000:
-                return None
-            header = json.loads(f.read(n))
-        return header.get("__metadata__") or {}
-    except (OSError, ValueError, UnicodeDecodeError):
+        return token_files.read_header(path).get("__metadata__") or {}
+    except (OSError, ValueError, TypeError, KeyError, IndexError):
         return None
 
 
-def is_tokens_file(path: str) -> bool:
-    meta = read_safetensors_metadata(path) if path.endswith(".safetensors") else None
-    return bool(meta) and meta.get("format") == TOKENS_FORMAT
+is_tokens_file = token_files.is_token_file
 
 
 def load_tokens(path: str) -> FlexTokTokens:
-    from safetensors import safe_open
-
-    meta = read_safetensors_metadata(path)
-    if meta is None:
-        raise ValueError(f"{path} is not a safetensors file")
-    if meta.get("format") != TOKENS_FORMAT:
-        raise ValueError(f"{path} is a safetensors file but not FlexTok tokens (metadata format="
-                         f"{meta.get('format')!r}, expected {TOKENS_FORMAT!r}); write token files with "
-                         "FlexTok Save Tokens")
-    with safe_open(path, framework="pt") as f:
-        if "ids" not in f.keys():
-            raise ValueError(f"{path} holds no 'ids' tensor")
-        ids = f.get_tensor("ids")
+    """A token file of any version (the CLI's too) as FLEXTOK_TOKENS. ValueError naming the file and the problem."""
+    tf = token_files.load(path)
     try:
-        return FlexTokTokens(
-            ids, meta["model_id"], meta.get("model_name", "?"),
-            (int(meta["image_height"]), int(meta["image_width"])), int(meta["num_registers"]),
-            int(meta["vocab_size"]), json.loads(meta.get("extra") or "{}"))
-    except KeyError as e:
-        raise ValueError(f"{path}: FlexTok token metadata lacks {e}") from None
+        return FlexTokTokens.from_token_file(tf)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def list_token_files(folder: str, max_files: int = 2000) -> list[str]:

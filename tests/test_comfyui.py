@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from .comfyui_harness import ComfyServer, free_port, retarget_workflow, ui_to_api, write_safetensors
 from .conftest import GOLDEN, ROOT
 
-from flextok_kit import flextok_core
+from flextok_kit import flextok_core, token_files
 from flextok_kit.nodes import core  # plain Python, no ComfyUI
 from flextok_kit.pipelines import FlexTokPipeline
 
@@ -169,8 +170,9 @@ def save_node(images_ref, prefix):
 
 
 def example(path: Path) -> dict:
-    """An example workflow (UI format) with Load FlexTok switched to this module's test model."""
-    return retarget_workflow(json.loads(path.read_text()), model=TEST_MODELS[path])
+    """An example workflow (UI format) with Load FlexTok switched to this module's test model and Load Image to its
+    test image (the examples open a demo sample photo, which only scripts/comfyui_demo.sh copies into input/)."""
+    return retarget_workflow(json.loads(path.read_text()), model=TEST_MODELS[path], image="example.png")
 
 
 # ------------------------------------------------------------------------------------------------ no server
@@ -256,6 +258,11 @@ def test_comfyui_demo_script_check(tmp_path):
     for path, model in ((RECONSTRUCT, "photo_tokenizer"), (AR_EXAMPLE, "fashion_ar")):
         for ui in (json.loads(path.read_text()), json.loads((base / "user/default/workflows" / path.name).read_text())):
             assert [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "FlexTokLoad"] == [model], path.name
+    # the reconstruct example opens a sample photo, which the demo copied into input/
+    photos = [n["widgets_values"][0] for n in json.loads((base / "user/default/workflows" / RECONSTRUCT.name)
+                                                         .read_text())["nodes"] if n["type"] == "LoadImage"]
+    assert photos and all((ROOT / "demo_models/samples" / f).is_file() and (base / "input" / f).is_file()
+                          for f in photos), photos
 
     # what it made: the PNGs it printed, under the base's output/: the reconstructions 64x64 like the photo demo
     # model, the AR samples 32x32 like the Fashion-MNIST one
@@ -355,7 +362,8 @@ def test_reconstruct_example(srv, info, base, golden_pipe):
     x = core.fit_images(load_image01(base / "input" / "example.png")[None], (128, 128), "center_crop")
     ref_ids = golden_pipe.tokenize(x * 2 - 1, generator=torch.Generator().manual_seed(0))
     assert tokens.ids.tolist() == ref_ids[:, :k_trunc].tolist()
-    ref = golden_pipe.detokenize(ref_ids[:, :k_trunc], num_inference_steps=steps, guidance_scale=7.5, use_apg=True,
+    ref = golden_pipe.detokenize(ref_ids[:, :k_trunc], num_inference_steps=steps,
+                                 guidance_scale=prompt[dec]["inputs"]["guidance_scale"], use_apg=True,
                                  generator=[torch.Generator().manual_seed(0)], output_type="pt").images
     assert (decoded - ref[0].permute(1, 2, 0)).abs().max() < 3 / 255
     # Coarse-to-Fine's k=k_trunc frame is the same decode (same noise per image); compare below its label
@@ -388,6 +396,54 @@ def test_tokens_load_round_trip(srv, base):
     }
     run = run_ok(srv, prompt)
     assert len(run.output_files()) == 1 and PIL.Image.open(run.output_files()[0]).size == (128, 128)
+
+
+def flextok_cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "flextok_kit.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_cli_and_nodes_read_each_others_token_files(srv, base, golden_pipe, tmp_path):
+    """One token-file format: `flextok tokenize` -> FlexTok Load Tokens -> Decode, a ragged file -> Truncate ->
+    Decode, and FlexTok Save Tokens -> `flextok detokenize`, each decoding what the pipeline decodes from the same
+    ids with image i's noise seeded seed + i (the nodes' and the CLI's convention)."""
+    flextok_cli("tokenize", base / "input" / "example.png", "--model", GOLDEN, "--fit", "center-crop", "--size", "128",
+                "--num-tokens", "8", "--out", base / "input" / "from_cli.safetensors", "--quiet")
+    row = token_files.load(base / "input" / "from_cli.safetensors").rows()[0]
+    token_files.TokenFile.from_rows([row, row[:3]], golden_pipe.fingerprint, model_name="flextok_tiny",
+                                    image_sizes=[(128, 128)] * 2, num_registers=32,
+                                    vocab_size=64000).save(base / "input" / "ragged.safetensors")
+    assert {"from_cli.safetensors", "ragged.safetensors"} <= set(token_file_options(srv))
+    prompt = {
+        "m": encode_graph()["m"],
+        "a": {"class_type": "FlexTokLoadTokens", "inputs": {"tokens_file": "from_cli.safetensors"}},
+        "da": decode_node(["m", 0], ["a", 0], steps=2, seed=5), "sa": save_node(["da", 0], "from_cli"),
+        "r": {"class_type": "FlexTokLoadTokens", "inputs": {"tokens_file": "ragged.safetensors"}},
+        "t": {"class_type": "FlexTokTruncate", "inputs": {"tokens": ["r", 0], "k": 5}},  # rows of 8, 3 -> 5, 3
+        "dr": decode_node(["m", 0], ["t", 0], steps=2, seed=5), "sr": save_node(["dr", 0], "ragged"),
+        "st": {"class_type": "FlexTokSaveTokens", "inputs": {"tokens": ["t", 0], "filename_prefix": "from_nodes"}},
+    }
+    run = run_ok(srv, prompt)
+    ref = golden_pipe.detokenize([row, row[:5], row[:3]], num_inference_steps=2, guidance_scale=7.5, use_apg=True,
+                                 generator=[torch.Generator().manual_seed(s) for s in (5, 5, 6)],
+                                 output_type="pt").images.permute(0, 2, 3, 1)
+    images = {n: [load_image01(Path(base, i["type"], i["subfolder"], i["filename"])) for i in run.outputs[n]["images"]]
+              for n in ("sa", "sr")}
+    assert len(images["sa"]) == 1 and len(images["sr"]) == 2
+    for image, expected in zip(images["sa"] + images["sr"], ref):
+        assert (image - expected).abs().max() < 3 / 255
+
+    saved = run.outputs["st"]["flextok_tokens"][0]
+    path = Path(base, "output", saved["subfolder"], saved["filename"])
+    assert token_files.load(path).lengths.tolist() == [5, 3]  # ragged rows survive Save Tokens
+    out = tmp_path / "png"
+    flextok_cli("detokenize", path, "--model", GOLDEN, "--steps", "2", "--seed", "5", "--out", out, "--quiet")
+    pngs = sorted(out.iterdir())  # rows without a source are named after the token file
+    assert [p.name for p in pngs] == [f"{path.stem}_{i:05d}.png" for i in range(2)]
+    for png, expected in zip(pngs, ref[1:]):
+        assert (load_image01(png) - expected).abs().max() < 3 / 255
 
 
 def test_same_weights_in_diffusers_format_decode_the_tokens(srv):

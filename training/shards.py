@@ -52,14 +52,25 @@ def shard_is_done(path: Path, fp: str) -> bool:
     return True
 
 
+class SingleProcess:
+    """What :func:`run_sharded` needs of an ``Accelerator`` when one process does the whole job (the CLI)."""
+
+    process_index, num_processes = 0, 1
+    is_main_process = is_local_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+
 def run_sharded(accelerator, out_dir, num_items: int, shard_size: int, fp: str,
                 process: Callable[[int, int], tuple[dict, dict]], settings: dict | None = None,
                 desc: str = "shards", progress: bool = True) -> dict:
     """Run ``process(start, end) -> (tensors, metadata)`` for every missing shard of this process, write the shards
     atomically, then (main process) ``index.json``. Returns ``{"written": [...], "skipped": [...]}`` for this
-    process."""
+    process. ``accelerator=None``: one process does every shard."""
     from tqdm.auto import tqdm
 
+    accelerator = accelerator or SingleProcess()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shards = plan(num_items, shard_size)
