@@ -55,11 +55,45 @@ def load_image(path):
 
     try:
         with PIL.Image.open(path) as im:
+            # Pillow has no 16-bit colour mode: it keeps the high byte of each sample (v >> 8), one level below
+            # round(v / 257) for about half the values. Those files are decoded in full instead.
+            deep = im.format == "PNG" and im.mode in ("RGB", "RGBA") and im.tile and im.tile[0][3].endswith(";16B")
+            exif = im.info.get("exif")
             im.load()
+            if deep and _have_pypng():
+                im = _png_16bit_colour_to_8bit(path, exif)
             im = PIL.ImageOps.exif_transpose(im)
     except Exception as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
     return to_rgb8(im)
+
+
+def _have_pypng() -> bool:
+    try:
+        import png  # noqa: F401
+    except ImportError:  # a ComfyUI environment without the CLI's dependencies: Pillow's high byte it is
+        import warnings
+
+        warnings.warn("16-bit colour PNG read with Pillow's 8-bit truncation; `pip install pypng` for exact "
+                      "rounding", stacklevel=3)
+        return False
+    return True
+
+
+def _png_16bit_colour_to_8bit(path, exif):
+    """A 16-bit RGB(A) PNG -> 8-bit RGB(A) PIL image, each sample rounded as round(v / 65535 * 255)."""
+    import numpy as np
+    import PIL.Image
+    import png  # pypng: a small pure-Python decoder that keeps all 16 bits
+
+    width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+    channels = info["planes"]
+    arr = np.vstack([np.asarray(row, dtype=np.uint32) for row in rows]).reshape(height, width, channels)
+    arr8 = ((arr * 255 + 32767) // 65535).astype(np.uint8)  # integer round-half-up of v * 255 / 65535
+    im = PIL.Image.fromarray(arr8, mode="RGBA" if channels == 4 else "RGB")
+    if exif:
+        im.info["exif"] = exif
+    return im
 
 
 def to_tensor(pil_images):

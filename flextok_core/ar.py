@@ -30,6 +30,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .layers import SwiGLU, swiglu_hidden_dim
+from .sampling import check_float, check_guidance_scale, check_int
 
 # Paper AR sizes: depth d, width 64 d, head_dim 64 (d heads), SwiGLU hidden int(8 width / 3). The paper's
 # counts are the transformer blocks alone, which these match; the 64000-token embedding adds 64000 * width once
@@ -161,6 +162,22 @@ def guidance_scales(num_tokens: int, guidance_scale: float, schedule: str = "con
     if schedule == "constant":
         return [float(guidance_scale)] * num_tokens
     return [1.0 + (guidance_scale - 1.0) * i / max(num_tokens - 1, 1) for i in range(num_tokens)]
+
+
+def check_ar_sampling(guidance_scale, guidance_schedule, temperature, top_k, top_p,
+                      guidance_name: str = "guidance_scale") -> tuple[float, str, float, int, float]:
+    """The AR sampling settings, checked (shared by :meth:`FlexTokAR.generate` and the pipeline, which calls the
+    guidance ``ar_guidance_scale``): guidance scale finite >= 0 (see ``check_guidance_scale``), schedule one of
+    :data:`GUIDANCE_SCHEDULES`, temperature finite > 0, ``top_k`` an int >= 0 (0 = off), ``top_p`` in (0, 1]."""
+    scale = check_guidance_scale(guidance_name, guidance_scale)
+    schedule_name = guidance_name.replace("_scale", "_schedule")
+    if not isinstance(guidance_schedule, str) or guidance_schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"{schedule_name} must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+    temperature = check_float("temperature", temperature, minimum=0.0, open_minimum=True,
+                              hint="use top_k=1 for greedy decoding")
+    top_k = check_int("top_k", top_k, minimum=0)
+    top_p = check_float("top_p", top_p, 0.0, 1.0, open_minimum=True, hint="1 = off")
+    return scale, guidance_schedule, temperature, top_k, top_p
 
 
 def cfg_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
@@ -339,7 +356,8 @@ class FlexTokAR(ModelMixin, ConfigMixin):
                 raise ValueError(f"class_labels must be a 1-D integer tensor, got {tuple(class_labels.shape)} "
                                  f"{class_labels.dtype}")
         if n == 0:
-            raise ValueError("empty batch: the condition has batch size 0")
+            what = "text_states" if self.is_text_conditional else "class_labels"
+            raise ValueError(f"empty batch: {what} has batch size 0")
         if batch is not None and n != batch:
             raise ValueError(f"condition batch size {n} does not match tokens batch size {batch}")
 
@@ -393,18 +411,8 @@ class FlexTokAR(ModelMixin, ConfigMixin):
         elif text_mask is not None and not bool(text_mask.bool().any(dim=1).all()):
             raise ValueError("every text_mask row needs at least one valid token (for no text use the null "
                              "condition via guidance instead)")
-        if not isinstance(num_tokens, int) or not 1 <= num_tokens <= self.config.max_tokens:
-            raise ValueError(f"num_tokens must be an int in 1..{self.config.max_tokens}, got {num_tokens!r}")
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy decoding), got {temperature}")
-        if not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        check_int("num_tokens", num_tokens, 1, self.config.max_tokens)
+        return check_ar_sampling(guidance_scale, guidance_schedule, temperature, top_k, top_p)
 
     @torch.no_grad()
     def generate(
@@ -434,8 +442,10 @@ class FlexTokAR(ModelMixin, ConfigMixin):
             class_labels = torch.as_tensor(class_labels)
             class_labels = class_labels[None] if class_labels.dim() == 0 else class_labels
         num_tokens = self.config.max_tokens if num_tokens is None else num_tokens
-        self._validate_generate(class_labels, text_states, text_mask, num_tokens, guidance_scale,
-                                guidance_schedule, temperature, top_k, top_p)
+        guidance_scale, guidance_schedule, temperature, top_k, top_p = self._validate_generate(
+            class_labels, text_states, text_mask, num_tokens, guidance_scale, guidance_schedule, temperature, top_k,
+            top_p)
+        num_tokens = int(num_tokens)
         scales = guidance_scales(num_tokens, guidance_scale, guidance_schedule)
         guided = any(s != 1.0 for s in scales)
 
@@ -491,4 +501,5 @@ class FlexTokAR(ModelMixin, ConfigMixin):
         return self._logits(h)
 
 
-__all__ = ["AR_PRESETS", "FlexTokAR", "KVCache", "cfg_logits", "filter_logits", "guidance_scales", "sample_logits"]
+__all__ = ["AR_PRESETS", "FlexTokAR", "KVCache", "cfg_logits", "check_ar_sampling", "filter_logits",
+           "guidance_scales", "sample_logits"]

@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it) ...
+os.umask(_UMASK)  # ... and put back at once
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """``write(tmp)`` to a temporary file beside ``path`` (same suffix), then rename it onto ``path``."""
@@ -17,6 +20,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; the output gets a normal file's permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -37,6 +41,8 @@ def remove_dir(path: str | os.PathLike) -> None:
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     """Move a finished folder into place; an old one is swapped out first and deleted afterwards."""
     tmp, final = Path(tmp), Path(final)
+    if final.exists() and not final.is_dir():
+        raise FileExistsError(f"{final} is an existing file, not a folder; refusing to replace it")
     old = None
     if final.exists():
         old = final.with_name(f".trash-{final.name}-{os.getpid()}-{time.time_ns()}")
@@ -44,3 +50,19 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     os.rename(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json_object(path: str | os.PathLike, what: str = "") -> dict:
+    """A JSON file that must hold an object (a config); ValueError naming the file (and ``what`` it is) otherwise."""
+    import json
+
+    name = f"{what} {path}".strip()
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{name} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        kind = {list: "a list", str: "a string", int: "an integer", float: "a number", bool: "a boolean"}.get(
+            type(data), "null" if data is None else type(data).__name__)
+        raise ValueError(f"{name} must be a JSON object, got {kind}")
+    return data

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .fileio import read_json_object
 from .model import FlexTokModel
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,26 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
     return tensors, metadata
 
 
+def non_floating_weights(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(name, dtype)`` of every tensor of a safetensors file whose dtype is not floating point, read from the
+    header alone. Model weights are floats; an integer or bool tensor would be silently cast by
+    ``load_state_dict`` into nonsense weights (a corrupted or mis-converted file), so loaders refuse it."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    return sorted((k, d) for k, d in dtypes.items() if not d.upper().startswith(("F", "BF")))
+
+
+def _check_floating(tensors: dict, where: str):
+    bad = sorted(((k, v.dtype) for k, v in tensors.items() if not v.is_floating_point()), key=lambda kv: kv[0])
+    if bad:
+        key, dtype = bad[0]
+        more = f" (and {len(bad) - 1} more: {[k for k, _ in bad[1:4]]})" if len(bad) > 1 else ""
+        raise OfficialCheckpointError(f"{where}: weight {key!r} has dtype {dtype}; weights must be floating point "
+                                      f"(a corrupted or mis-converted checkpoint?){more}")
+
+
 def _config_from_metadata(metadata: dict, path: Path) -> dict:
     """The release's safetensors metadata: one entry per top-level key, each the Python repr of a dict."""
     config = {}
@@ -158,13 +179,16 @@ def _config_from_metadata(metadata: dict, path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------
 def _match_roles(module_dict: dict, roles: list, where: str) -> dict:
     """Assign each configured module (in the config's order) to the next role whose target it has."""
-    if not isinstance(module_dict, dict) or not module_dict:
+    if module_dict is None or module_dict == {}:
         raise OfficialCheckpointError(f"{where}.module_dict is missing or empty")
+    _object(module_dict, f"{where}.module_dict")
     found, i = {}, 0
     for name, spec in module_dict.items():
-        target = spec.get("_target_") if isinstance(spec, dict) else None
+        target = _object(spec, f"{where}.module_dict.{name}").get("_target_")
         if target is None:
             raise OfficialCheckpointError(f"{where}.module_dict.{name} has no _target_")
+        if not isinstance(target, str):
+            _bad_value(f"{where}.module_dict.{name}._target_", "a string", target)
         while i < len(roles) and target not in roles[i][1]:
             if roles[i][2]:
                 known = {t for _, ts, _ in roles for t in ts}
@@ -186,8 +210,101 @@ def _match_roles(module_dict: dict, roles: list, where: str) -> dict:
     return found
 
 
-def _get(spec: dict, key: str, default=None, where: str = ""):
-    return spec.get(key, default)
+# Typed accessors: every value the mapping reads from the config goes through one of these, so a wrong JSON type
+# ("depth": "twelve", a dict where a list belongs, a missing key) names the key path and the expected type.
+_REQUIRED = object()
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            tuple: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bad_value(path: str, expected: str, value):
+    raise OfficialCheckpointError(f"{path} must be {expected}, got {_short(value)} ({_json_type(value)})")
+
+
+def _object(value, path: str) -> dict:
+    if not isinstance(value, dict):
+        _bad_value(path, "an object (a dict)", value)
+    return value
+
+
+def _raw(spec: dict, key: str, path: str, default, expected: str):
+    if key in spec:
+        return spec[key]
+    if default is _REQUIRED:
+        raise OfficialCheckpointError(f"{path}.{key} is missing (expected {expected})")
+    return default
+
+
+def _int(spec: dict, key: str, path: str, default=_REQUIRED, minimum: int | None = None) -> int:
+    expected = "an integer" + ("" if minimum is None else f" >= {minimum}")
+    value = _raw(spec, key, path, default, expected)
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        _bad_value(f"{path}.{key}", expected, value)
+    return value
+
+
+def _float(spec: dict, key: str, path: str, default=_REQUIRED, positive: bool = False, allow_none: bool = False):
+    expected = ("a positive" if positive else "a finite") + " number" + (" or null" if allow_none else "")
+    value = _raw(spec, key, path, default, expected)
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or value in (float("inf"), float("-inf")) or (positive and value <= 0):
+        _bad_value(f"{path}.{key}", expected, value)
+    return float(value)
+
+
+def _bool(spec: dict, key: str, path: str, default=_REQUIRED) -> bool:
+    value = _raw(spec, key, path, default, "a boolean (true/false)")
+    if not isinstance(value, bool):
+        _bad_value(f"{path}.{key}", "a boolean (true/false)", value)
+    return value
+
+
+def _str(spec: dict, key: str, path: str, default=_REQUIRED, allow_none: bool = False):
+    expected = "a string" + (" or null" if allow_none else "")
+    value = _raw(spec, key, path, default, expected)
+    if not (isinstance(value, str) or (value is None and allow_none)):
+        _bad_value(f"{path}.{key}", expected, value)
+    return value
+
+
+def _int_list(spec: dict, key: str, path: str, default=_REQUIRED, length: int | None = None,
+              minimum: int = 1) -> list[int]:
+    expected = (f"a list of {length} integers" if length else "a list of integers") + f" >= {minimum}"
+    value = _raw(spec, key, path, default, expected)
+    if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length) or not value \
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < minimum for x in value):
+        _bad_value(f"{path}.{key}", expected, value)
+    return [int(x) for x in value]
+
+
+def _check_nested_targets(value, path: str, allowed: set):
+    """Refuse any ``_target_`` the mapping does not know the place of: the loader maps only the release's
+    modules (and the per_sample_op of its PerSampleOp modules); a target nested anywhere else would be a class
+    the official code instantiates and this reader would silently ignore."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{path}.{key}" if path else str(key)
+            if key == "_target_" and path not in allowed:
+                raise OfficialCheckpointError(
+                    f"{path}: unexpected nested _target_ {_short(item)}; this reader maps only the known FlexTok "
+                    f"release modules (top-level entries, module_dict modules and their per_sample_op) and "
+                    f"refuses any other target")
+            _check_nested_targets(item, here, allowed)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_nested_targets(item, f"{path}[{i}]", allowed)
 
 
 def _require(cond: bool, message: str):
@@ -199,30 +316,39 @@ def _check_per_sample_ops(found: dict, where: str):
     for role, expected in PER_SAMPLE_OPS.items():
         if role in found:
             name, spec = found[role]
-            op = (spec.get("per_sample_op") or {}).get("_target_")
+            op = _object(spec.get("per_sample_op") or {}, f"{where}.module_dict.{name}.per_sample_op").get("_target_")
             _require(op == expected, f"{where}.module_dict.{name}.per_sample_op: expected {expected}, got {op!r}")
 
 
 def _transformer_args(spec: dict, where: str) -> dict:
     for flag in ("qkv_bias", "proj_bias", "mlp_bias"):
-        _require(not spec.get(flag, False), f"{where}: {flag}=True is not supported (the release has no biases)")
-    return dict(dim=int(spec["dim"]), depth=int(spec["depth"]), head_dim=int(spec.get("head_dim", 64)),
-                mlp_ratio=float(spec.get("mlp_ratio", 4.0)))
+        _require(not _bool(spec, flag, where, False),
+                 f"{where}: {flag}=True is not supported (the release has no biases)")
+    return dict(dim=_int(spec, "dim", where, minimum=1), depth=_int(spec, "depth", where, minimum=1),
+                head_dim=_int(spec, "head_dim", where, 64, minimum=1),
+                mlp_ratio=_float(spec, "mlp_ratio", where, 4.0, positive=True))
 
 
 def _patch_size(spec: dict, where: str) -> int:
-    ps = list(spec.get("patch_sizes", [2, 2]))
-    _require(len(ps) == 2 and ps[0] == ps[1], f"{where}.patch_sizes must be square [p, p], got {ps}")
-    return int(ps[0])
+    ps = _int_list(spec, "patch_sizes", where, [2, 2], length=2)
+    _require(ps[0] == ps[1], f"{where}.patch_sizes must be square [p, p], got {ps}")
+    return ps[0]
 
 
 def parse_config(config: dict) -> tuple[dict, dict]:
-    """Official config -> (FlexTokModel config kwargs, VAE settings). Nothing named in it is executed."""
+    """Official config -> (FlexTokModel config kwargs, VAE settings). Nothing named in it is executed.
+
+    Every value is read through a typed accessor, so a wrong JSON type names its key path and the expected type.
+    """
+    if not isinstance(config, dict):
+        _bad_value("config", "an object with the entries vae, encoder, decoder, regularizer, ...", config)
     for key, spec in config.items():
         if key not in TOP_LEVEL_TARGETS:
             raise OfficialCheckpointError(f"config: unknown top-level entry {key!r}")
-        target = spec.get("_target_") if isinstance(spec, dict) else None
-        _require(target in TOP_LEVEL_TARGETS[key], f"config.{key}: unknown _target_ {target!r}")
+        _object(spec, f"config.{key}")
+        target = spec.get("_target_")
+        _require(isinstance(target, str) and target in TOP_LEVEL_TARGETS[key],
+                 f"config.{key}: unknown _target_ {target!r}")
     for key in ("vae", "encoder", "decoder", "regularizer"):
         _require(key in config, f"config lacks the {key!r} entry")
 
@@ -230,52 +356,67 @@ def parse_config(config: dict) -> tuple[dict, dict]:
     dec = _match_roles(config["decoder"].get("module_dict"), DECODER_ROLES, "decoder")
     _check_per_sample_ops(enc, "encoder")
     _check_per_sample_ops(dec, "decoder")
+    allowed = set(config)
+    for half, found in (("encoder", enc), ("decoder", dec)):
+        for role, (name, _) in found.items():
+            allowed.add(f"{half}.module_dict.{name}")
+            if role in PER_SAMPLE_OPS:
+                allowed.add(f"{half}.module_dict.{name}.per_sample_op")
+    _check_nested_targets(config, "", allowed)
 
     vae = config["vae"]
-    levels = [int(x) for x in config["regularizer"].get("levels", [8, 8, 8, 5, 5, 5])]
+    levels = _int_list(config["regularizer"], "levels", "regularizer", [8, 8, 8, 5, 5, 5], minimum=2)
 
     e = {role: spec for role, (_, spec) in enc.items()}
     d = {role: spec for role, (_, spec) in dec.items()}
-    enc_t = _transformer_args(e["transformer"], "encoder.enc_transformer")
-    dec_t = _transformer_args(d["transformer"], "decoder.dec_transformer")
+    ep = {role: f"encoder.module_dict.{name}" for role, (name, _) in enc.items()}  # key paths, for messages
+    dp = {role: f"decoder.module_dict.{name}" for role, (name, _) in dec.items()}
+    enc_t = _transformer_args(e["transformer"], ep["transformer"])
+    dec_t = _transformer_args(d["transformer"], dp["transformer"])
 
-    for where, spec in (("encoder", e["posemb"]), ("decoder", d["posemb"])):
-        _require(spec.get("posemb_type", "sincos") == "sincos" and spec.get("posemb_scaling", "absolute") == "absolute",
-                 f"{where} patch position embedding must be sincos/absolute, got "
-                 f"{spec.get('posemb_type')}/{spec.get('posemb_scaling')}")
-    grid = [int(x) for x in e["posemb"]["max_sizes"]]
-    dec_grid = [int(x) for x in d["posemb"]["max_sizes"]]
+    for where, spec, path in (("encoder", e["posemb"], ep["posemb"]), ("decoder", d["posemb"], dp["posemb"])):
+        kind = _str(spec, "posemb_type", path, "sincos")
+        scaling = _str(spec, "posemb_scaling", path, "absolute")
+        _require(kind == "sincos" and scaling == "absolute",
+                 f"{where} patch position embedding must be sincos/absolute, got {kind}/{scaling}")
+    grid = _int_list(e["posemb"], "max_sizes", ep["posemb"], length=2)
+    dec_grid = _int_list(d["posemb"], "max_sizes", dp["posemb"], length=2)
     _require(grid == dec_grid, f"encoder ({grid}) and decoder ({dec_grid}) position tables differ in size: unsupported")
 
     regs = e["registers"]
-    n_max = int(regs["n_max"])
-    _require(regs.get("ordering_mode", "nested") == "nested", "encoder registers ordering_mode must be 'nested'")
-    _require(e["packer"].get("mask_mode") == "causal_last",
-             f"encoder packer mask_mode must be 'causal_last', got {e['packer'].get('mask_mode')!r}")
-    _require(d["packer"].get("mask_mode") == "full",
-             f"decoder packer mask_mode must be 'full', got {d['packer'].get('mask_mode')!r}")
-    _require(int(e["to_latents"].get("dim_out", len(levels))) == len(levels),
-             f"encoder head dim_out {e['to_latents'].get('dim_out')} != number of FSQ levels {len(levels)}")
-    for role in ("to_latents",):
-        _require(not e[role].get("use_mup_readout", False), "use_mup_readout=True is not supported")
-    _require(not d["to_patches"].get("use_mup_readout", False), "use_mup_readout=True is not supported")
+    n_max = _int(regs, "n_max", ep["registers"], minimum=1)
+    _require(_str(regs, "ordering_mode", ep["registers"], "nested") == "nested",
+             "encoder registers ordering_mode must be 'nested'")
+    enc_mask = _str(e["packer"], "mask_mode", ep["packer"], None, allow_none=True)
+    dec_mask = _str(d["packer"], "mask_mode", dp["packer"], None, allow_none=True)
+    _require(enc_mask == "causal_last", f"encoder packer mask_mode must be 'causal_last', got {enc_mask!r}")
+    _require(dec_mask == "full", f"decoder packer mask_mode must be 'full', got {dec_mask!r}")
+    dim_out = _int(e["to_latents"], "dim_out", ep["to_latents"], len(levels), minimum=1)
+    _require(dim_out == len(levels), f"encoder head dim_out {dim_out} != number of FSQ levels {len(levels)}")
+    _require(not _bool(e["to_latents"], "use_mup_readout", ep["to_latents"], False),
+             "use_mup_readout=True is not supported")
+    _require(not _bool(d["to_patches"], "use_mup_readout", dp["to_patches"], False),
+             "use_mup_readout=True is not supported")
     rp = d["register_posemb"]
-    _require(rp.get("posemb_type") == "learnable_sum",
-             f"decoder register position embedding must be 'learnable_sum', got {rp.get('posemb_type')!r}")
-    _require([int(x) for x in rp["max_sizes"]] == [n_max],
-             f"decoder register table size {rp['max_sizes']} != number of registers {n_max}")
+    rp_type = _str(rp, "posemb_type", dp["register_posemb"], None, allow_none=True)
+    _require(rp_type == "learnable_sum",
+             f"decoder register position embedding must be 'learnable_sum', got {rp_type!r}")
+    rp_sizes = _int_list(rp, "max_sizes", dp["register_posemb"], length=1)
+    _require(rp_sizes == [n_max], f"decoder register table size {rp_sizes} != number of registers {n_max}")
 
-    latent_channels = int(e["patch_emb"]["channels_in"])
-    _require(int(d["patch_emb"]["channels_in"]) == latent_channels == int(d["to_patches"]["channels_out"]),
+    latent_channels = _int(e["patch_emb"], "channels_in", ep["patch_emb"], minimum=1)
+    _require(_int(d["patch_emb"], "channels_in", dp["patch_emb"], minimum=1) == latent_channels
+             == _int(d["to_patches"], "channels_out", dp["to_patches"], minimum=1),
              "latent channels differ between encoder, decoder and head")
-    _require(int(vae.get("latent_channels", latent_channels)) == latent_channels,
-             f"vae.latent_channels {vae.get('latent_channels')} != encoder channels_in {latent_channels}")
-    patch = _patch_size(e["patch_emb"], "encoder.patch_emb")
-    _require(_patch_size(d["patch_emb"], "decoder.patch_emb") == patch == _patch_size(d["to_patches"], "decoder.to_patches"),
+    vae_channels = _int(vae, "latent_channels", "vae", latent_channels, minimum=1)
+    _require(vae_channels == latent_channels,
+             f"vae.latent_channels {vae_channels} != encoder channels_in {latent_channels}")
+    patch = _patch_size(e["patch_emb"], ep["patch_emb"])
+    _require(_patch_size(d["patch_emb"], dp["patch_emb"]) == patch == _patch_size(d["to_patches"], dp["to_patches"]),
              "encoder and decoder patch sizes differ: unsupported")
-    expansion = int(d["transformer"].get("adaLN_expansion", 1))
+    expansion = _int(d["transformer"], "adaLN_expansion", dp["transformer"], 1)
     _require(expansion in (1, 2), f"adaLN_expansion {expansion} unsupported (1 or 2)")
-    temb = d["time_embedder"]
+    temb, tp = d["time_embedder"], dp["time_embedder"]
 
     model_config = dict(
         latent_channels=latent_channels, patch_size=patch, grid_size=tuple(grid), num_registers=n_max,
@@ -285,13 +426,14 @@ def parse_config(config: dict) -> tuple[dict, dict]:
         decoder_dim=dec_t["dim"], decoder_depth=dec_t["depth"], decoder_head_dim=dec_t["head_dim"],
         decoder_mlp_ratio=dec_t["mlp_ratio"],
         null_condition=NULL_COND_TARGETS[d["null_cond"]["_target_"]], adaln_expansion=expansion,
-        time_embed_dim=int(temb.get("frequency_embedding_size", 256)),
-        max_timestep=float(temb.get("max_timestep", 1000.0)),
-        sample_posterior=bool(vae.get("sample_posterior", True)),
+        time_embed_dim=_int(temb, "frequency_embedding_size", tp, 256, minimum=2),
+        max_timestep=_float(temb, "max_timestep", tp, 1000.0, positive=True),
+        sample_posterior=_bool(vae, "sample_posterior", "vae", True),
     )
     vae_settings = dict(
-        hf_hub_path=vae.get("hf_hub_path"), scaling_factor=vae.get("scaling_factor"),
-        latent_channels=latent_channels, dtype_override=vae.get("dtype_override"),
+        hf_hub_path=_str(vae, "hf_hub_path", "vae", None, allow_none=True),
+        scaling_factor=_float(vae, "scaling_factor", "vae", None, positive=True, allow_none=True),
+        latent_channels=latent_channels, dtype_override=_str(vae, "dtype_override", "vae", None, allow_none=True),
     )
     names = dict(encoder={r: n for r, (n, _) in enc.items()}, decoder={r: n for r, (n, _) in dec.items()})
     return model_config, dict(vae_settings, module_names=names)
@@ -383,6 +525,13 @@ def _load_into(module: torch.nn.Module, state: dict, what: str):
 # ---------------------------------------------------------------------------------------------------
 # VAE
 # ---------------------------------------------------------------------------------------------------
+def _read_vae_config(path: Path) -> dict:
+    try:
+        return read_json_object(path, "VAE config")
+    except ValueError as e:
+        raise OfficialCheckpointError(f"{e} (AutoencoderKL settings)") from e
+
+
 def _load_vae(settings: dict, folder: Path, vae_tensors: dict, vae_override=None):
     from diffusers import AutoencoderKL
 
@@ -399,12 +548,21 @@ def _load_vae(settings: dict, folder: Path, vae_tensors: dict, vae_override=None
         candidates = [] if hub_path is None else (
             [Path(hub_path)] if Path(hub_path).is_absolute() else [folder / str(hub_path), Path(hub_path)])
     vae_folder = None
+    what = "the vae= argument" if vae_override is not None else "the config's vae.hf_hub_path"
     if hub_path is not None:
         for candidate in candidates:
             if candidate.is_dir():
                 vae_folder = candidate
                 break
+            if candidate.exists():
+                raise OfficialCheckpointError(f"VAE path {candidate} ({what}) is a file; pass the AutoencoderKL "
+                                              f"folder (config.json + diffusion_pytorch_model.safetensors)")
         else:
+            text = str(hub_path)
+            if text.count("/") != 1 or text.startswith((".", "/", "~")) or Path(text).is_absolute():
+                looked = " and ".join(str(c) for c in candidates)
+                raise OfficialCheckpointError(f"VAE folder {text!r} ({what}) does not exist (looked for {looked}) "
+                                              f"and is not a Hugging Face repo id (owner/name)")
             if vae_tensors and str(hub_path).count("/") == 1:
                 # weights are in model.safetensors; only the small config is needed from the hub
                 vae_folder = _resolve_folder(hub_path, allow_patterns=["config.json"])
@@ -417,21 +575,39 @@ def _load_vae(settings: dict, folder: Path, vae_tensors: dict, vae_override=None
             cfg_path = vae_folder / "config.json"
             if not cfg_path.is_file():
                 raise OfficialCheckpointError(f"VAE config {cfg_path} is missing")
-            cfg = json.loads(cfg_path.read_text())
+            cfg = _read_vae_config(cfg_path)
         else:
+            cfg_path = "the built-in base VAE config"
             cfg = dict(BASE_VAE_CONFIG, latent_channels=settings["latent_channels"])
         cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-        vae = AutoencoderKL.from_config(cfg)
+        try:
+            vae = AutoencoderKL.from_config(cfg)
+        except Exception as e:  # wrong types or values in the file: diffusers fails somewhere inside
+            raise OfficialCheckpointError(f"VAE config {cfg_path}: cannot build an AutoencoderKL from it "
+                                          f"({type(e).__name__}: {e})") from e
         _load_into(vae, vae_tensors, "VAE weights in model.safetensors (vae.vae.*)")
         return vae, f"model.safetensors (config from {vae_folder or 'the built-in base config'})"
     if vae_folder is None:
         raise OfficialCheckpointError(
             "model.safetensors has no VAE weights (vae.vae.*) and the config's vae.hf_hub_path is null: "
             "pass vae=<AutoencoderKL folder or repo id>")
+    cfg_path = vae_folder / "config.json"
+    if cfg_path.is_file():
+        _read_vae_config(cfg_path)  # a clear message for broken JSON or a wrong top-level type
+    for weights in sorted(vae_folder.glob("*.safetensors")):
+        try:
+            bad = non_floating_weights(weights)
+        except Exception as e:
+            raise OfficialCheckpointError(f"{weights} is not a readable safetensors file (truncated or "
+                                          f"corrupted?): {e}") from e
+        if bad:
+            raise OfficialCheckpointError(f"{weights}: weight {bad[0][0]!r} has dtype {bad[0][1]}; weights must "
+                                          f"be floating point (a corrupted or mis-converted checkpoint?)")
     try:
         vae = AutoencoderKL.from_pretrained(str(vae_folder), use_safetensors=True)
     except Exception as e:
-        raise OfficialCheckpointError(f"could not load the AutoencoderKL from {vae_folder}: {e}") from e
+        raise OfficialCheckpointError(f"could not load the AutoencoderKL from {vae_folder} (its config.json or "
+                                      f"weights are invalid): {type(e).__name__}: {e}") from e
     return vae, str(vae_folder)
 
 
@@ -446,11 +622,12 @@ def load_official(path_or_repo, vae=None, sample_posterior: bool | None = None) 
     """
     folder = _resolve_folder(path_or_repo, allow_patterns=["config.json", "model.safetensors"])
     tensors, metadata = _read_safetensors(folder / "model.safetensors")
+    _check_floating(tensors, str(folder / "model.safetensors"))
     config_path = folder / "config.json"
     if config_path.is_file():
         try:
             config = json.loads(config_path.read_text())  # dicts keep the file's order
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise OfficialCheckpointError(f"{config_path} is not valid JSON: {e}") from e
         source = str(config_path)
     elif metadata:
@@ -459,7 +636,10 @@ def load_official(path_or_repo, vae=None, sample_posterior: bool | None = None) 
     else:
         raise OfficialCheckpointError(f"{folder} has no config.json and model.safetensors carries no config metadata")
 
-    model_config, vae_settings = parse_config(config)
+    try:
+        model_config, vae_settings = parse_config(config)
+    except OfficialCheckpointError as e:
+        raise OfficialCheckpointError(f"{source}: {e}") from None
     if sample_posterior is not None:
         model_config["sample_posterior"] = bool(sample_posterior)
 

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
+import numbers
+import os
 import shutil
 import sys
 import tempfile
@@ -22,8 +25,11 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..flextok_core import (LICENSE_NOTICE, FlexTokModel, RegisterSequences, apg_velocity, cfg_velocity,
                             load_official, vae_decode, vae_encode)
-from ..flextok_core.fileio import replace_dir
-from ..flextok_core.sampling import MomentumBuffer
+from ..flextok_core.ar import check_ar_sampling
+from ..flextok_core.fileio import read_json_object, replace_dir
+from ..flextok_core.official import non_floating_weights
+from ..flextok_core.sampling import MomentumBuffer, check_decoder_sampling, check_guidance_value, check_int
+from ..images import to_rgb8
 from .scheduling_flextok import FlexTokFlowScheduler, flextok_sigmas
 
 logger = logging.getLogger(__name__)
@@ -58,6 +64,71 @@ def _ensure_importable_as_package():
     for name, module in list(sys.modules.items()):
         if name == _ROOT or name.startswith(_ROOT + "."):
             sys.modules.setdefault(PACKAGE + name[len(_ROOT):], module)
+
+
+# Components whose weights are ours or diffusers' (all floating point); a transformers text encoder may keep
+# integer buffers of its own and is left to transformers.
+_FLOAT_COMPONENTS = ("flextok", "vae", "ar_model")
+
+
+def _check_float_weights(folder: Path):
+    """Refuse a diffusers-format folder whose FlexTok / VAE / AR weights hold integer or bool tensors: diffusers
+    would cast them silently into nonsense weights. Reads the safetensors headers only."""
+    for component in _FLOAT_COMPONENTS:
+        for weights in sorted((folder / component).glob("*.safetensors")):
+            try:
+                bad = non_floating_weights(weights)
+            except Exception as e:
+                raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupted?): {e}") from e
+            if bad:
+                more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                raise ValueError(f"{weights}: weight {bad[0][0]!r} has dtype {bad[0][1]}; {component} weights must be "
+                                 f"floating point (a corrupted or mis-converted checkpoint?){more}")
+
+
+_CONFIG_FILES = {"flextok": "config.json", "vae": "config.json", "ar_model": "config.json",
+                 "scheduler": "scheduler_config.json"}
+
+
+def _check_folder_configs(folder: Path) -> dict:
+    """model_index.json and the component configs of our format are JSON objects (the file named if not)."""
+    index = read_json_object(folder / "model_index.json")
+    for name, entry in index.items():
+        if name.startswith("_"):
+            continue
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+            raise ValueError(f"{folder / 'model_index.json'}: entry {name!r} must be [library, class name], got "
+                             f"{entry!r}")
+        config = folder / name / _CONFIG_FILES.get(name, "config.json")
+        if entry[0] is not None and name in _CONFIG_FILES and config.is_file():
+            read_json_object(config)
+    return index
+
+
+def _component_class(library: str, name: str):
+    import importlib
+
+    if library == PACKAGE or library.startswith(PACKAGE + "."):
+        library = _ROOT + library[len(PACKAGE):]
+    return getattr(importlib.import_module(library), name)
+
+
+def _diagnose_components(folder: Path, index: dict):
+    """After diffusers failed to load ``folder``: build each component from its config to name the file whose
+    values are wrong (wrong types deep inside a config surface as bare TypeErrors otherwise)."""
+    for name, config_name in _CONFIG_FILES.items():
+        entry, path = index.get(name), folder / name / config_name
+        if not (isinstance(entry, (list, tuple)) and entry[0] and path.is_file()):
+            continue
+        try:
+            cls = _component_class(*entry)
+        except Exception:  # unknown class: diffusers' own message is the clearer one
+            continue
+        config = {k: v for k, v in read_json_object(path).items() if not k.startswith("_")}
+        try:
+            cls.from_config(config)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot build {entry[1]} from it ({type(e).__name__}: {e})") from e
 
 
 def _show_license_once():
@@ -104,8 +175,8 @@ class FlexTokPipeline(DiffusionPipeline):
     def from_official(cls, path_or_repo, vae=None, sample_posterior: bool | None = None,
                       torch_dtype: torch.dtype | None = None) -> "FlexTokPipeline":
         """Load the official release format (``config.json`` + ``model.safetensors``; folder or hub id)."""
-        _show_license_once()
         ckpt = load_official(path_or_repo, vae=vae, sample_posterior=sample_posterior)
+        _show_license_once()  # after a successful load: a refused checkpoint gets one error line, nothing else
         for note in ckpt.notes:
             logger.info("from_official(%s): %s", path_or_repo, note)
         pipe = cls(vae=ckpt.vae, flextok=ckpt.model, scheduler=cls.default_scheduler())
@@ -120,9 +191,15 @@ class FlexTokPipeline(DiffusionPipeline):
             return cls.from_pretrained(folder, **kwargs)
         if (folder / "model.safetensors").is_file():
             return cls.from_official(folder, **kwargs)
+        if folder.is_file():
+            raise ValueError(f"{folder} is a file; pass the model folder (model_index.json, or the official "
+                             f"config.json + model.safetensors)")
         if folder.exists():
             raise ValueError(f"{folder} holds neither model_index.json (diffusers format) nor model.safetensors "
                              f"(official FlexTok format)")
+        text = str(path_or_repo)
+        if text.count("/") != 1 or text.startswith((".", "/", "~")) or folder.is_absolute():
+            raise ValueError(f"model path {text!r} does not exist (and is not a Hugging Face repo id owner/name)")
         try:
             return cls.from_pretrained(str(path_or_repo), **kwargs)
         except Exception as ours:  # not a diffusers-format repo (or offline): try the release format
@@ -135,12 +212,34 @@ class FlexTokPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "FlexTokPipeline":
         _ensure_importable_as_package()
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if not os.path.isdir(pretrained_model_name_or_path):  # a hub id: download() checks the weights
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = Path(pretrained_model_name_or_path)
+        if not (folder / "model_index.json").is_file():
+            raise ValueError(f"{folder} has no model_index.json: not a diffusers-format pipeline folder "
+                             f"(an official FlexTok checkpoint loads with from_official or load)")
+        index = _check_folder_configs(folder)
+        _check_float_weights(folder)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (TypeError, ValueError, AttributeError, KeyError):
+            _diagnose_components(folder, index)
+            raise
+
+    @classmethod
+    def download(cls, pretrained_model_name, **kwargs):
+        """diffusers' ``download``, then the same weight-dtype check as for a local folder."""
+        folder = super().download(pretrained_model_name, **kwargs)
+        _check_float_weights(Path(folder))
+        return folder
 
     def save_pretrained(self, save_directory, **kwargs):
         """diffusers ``save_pretrained`` (safetensors), written to a temporary folder and then renamed into place,
         plus a ``pipeline.py`` shim so ``DiffusionPipeline.from_pretrained(custom_pipeline=...)`` finds us."""
         target = Path(save_directory)
+        if target.exists() and not target.is_dir():
+            raise FileExistsError(f"save_pretrained: {target} is an existing file, not a folder; refusing to "
+                                  f"replace it (pass a folder path)")
         if kwargs.get("push_to_hub"):
             return super().save_pretrained(save_directory, **kwargs)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -211,9 +310,13 @@ class FlexTokPipeline(DiffusionPipeline):
             images = [images]
         if isinstance(images, (list, tuple)):
             if not images:
-                raise ValueError("images is an empty list")
+                raise ValueError("images is an empty list: pass at least one image")
+            kinds = {type(im).__name__ for im in images}
+            if len({isinstance(im, PIL.Image.Image) for im in images}) > 1:
+                raise TypeError(f"images mixes PIL images and other types ({sorted(kinds)}): pass one kind")
             if isinstance(images[0], PIL.Image.Image):
-                arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+                # one function decides how any mode (16-bit, float, alpha, palette) becomes 8-bit RGB
+                arrays = [np.asarray(to_rgb8(im), dtype=np.float32) / 255.0 for im in images]
                 if len({a.shape for a in arrays}) != 1:
                     raise ValueError(f"images in one batch must share a size, got {sorted({a.shape[:2] for a in arrays})}")
                 images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2 - 1
@@ -229,6 +332,9 @@ class FlexTokPipeline(DiffusionPipeline):
             images = images[None]
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"image tensor must have shape [B,3,H,W] (or [3,H,W]), got {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise ValueError(f"images is an empty batch (tensor of shape {tuple(images.shape)}): pass at least one "
+                             f"image")
         if not images.is_floating_point():
             raise ValueError(f"image tensor must be floating point in [-1,1], got dtype {images.dtype}")
         if not torch.isfinite(images).all():
@@ -247,6 +353,9 @@ class FlexTokPipeline(DiffusionPipeline):
                 tokens = tokens[None]
             if tokens.dim() != 2:
                 raise ValueError(f"tokens must be [B,k] or a list of 1-D tensors, got shape {tuple(tokens.shape)}")
+            if tokens.shape[0] == 0:
+                raise ValueError(f"tokens is an empty batch (shape {tuple(tokens.shape)}): pass at least one "
+                                 f"sequence")
             seqs = list(tokens)
         elif isinstance(tokens, (list, tuple)) and tokens:
             seqs = []
@@ -257,8 +366,12 @@ class FlexTokPipeline(DiffusionPipeline):
                 if s.dim() != 1:
                     raise ValueError(f"token sequence {i} must be 1-D (or [1,k]), got shape {tuple(s.shape)}")
                 seqs.append(s)
+        elif isinstance(tokens, (list, tuple)):
+            raise ValueError("tokens is an empty list: pass a LongTensor [B,k] or a non-empty list of 1-D token "
+                             "tensors")
         else:
-            raise ValueError("tokens must be a LongTensor [B,k] or a non-empty list of 1-D token tensors")
+            raise TypeError(f"tokens must be a LongTensor [B,k] or a non-empty list of 1-D token tensors, got "
+                            f"{type(tokens).__name__}")
         n, vocab = self.num_registers, self.flextok.vocab_size
         for i, s in enumerate(seqs):
             if s.is_floating_point() or s.dtype == torch.bool:
@@ -285,9 +398,7 @@ class FlexTokPipeline(DiffusionPipeline):
         exactly the first k ids of the full sequence. ``sample_posterior`` defaults to the checkpoint's setting.
         """
         n = self.num_registers
-        k = n if num_tokens is None else int(num_tokens)
-        if not 1 <= k <= n:
-            raise ValueError(f"num_tokens must be in 1..{n}, got {num_tokens}")
+        k = n if num_tokens is None else check_int("num_tokens", num_tokens, 1, n)
         images = self._images_to_tensor(images).to(self._execution_device)
         sample = self.flextok.config.sample_posterior if sample_posterior is None else sample_posterior
         latents = vae_encode(self.vae, images, sample, generator)
@@ -313,7 +424,10 @@ class FlexTokPipeline(DiffusionPipeline):
     def _guidance_scales(self, guidance_scale: float, guidance_schedule: Callable | None, sigmas) -> list[float]:
         if guidance_schedule is None:
             return [float(guidance_scale)] * len(sigmas)
-        return [float(guidance_schedule(float(t))) for t in sigmas]
+        if not callable(guidance_schedule):
+            raise TypeError(f"guidance_schedule must be None or a callable t -> scale, got "
+                            f"{type(guidance_schedule).__name__}")
+        return [check_guidance_value(guidance_schedule(float(t)), float(t)) for t in sigmas]
 
     @torch.no_grad()
     def detokenize(
@@ -360,10 +474,11 @@ class FlexTokPipeline(DiffusionPipeline):
         bad = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(f"callback tensor inputs {bad} not in {self._callback_tensor_inputs}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        if decode_batch_size is not None and decode_batch_size < 1:
-            raise ValueError(f"decode_batch_size must be >= 1, got {decode_batch_size}")
+        num_inference_steps, guidance_scale, apg_momentum, apg_norm_threshold, apg_eta = check_decoder_sampling(
+            num_inference_steps, guidance_scale, apg_momentum, apg_norm_threshold, apg_eta)
+        num_images_per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1)
+        if decode_batch_size is not None:
+            decode_batch_size = check_int("decode_batch_size", decode_batch_size, minimum=1)
         if latents is not None and latents.dim() == 4:  # the noise fixes the size
             height = height or latents.shape[2] * self.vae_scale_factor
             width = width or latents.shape[3] * self.vae_scale_factor
@@ -442,12 +557,23 @@ class FlexTokPipeline(DiffusionPipeline):
         return states, batch["attention_mask"]
 
     def _class_label_ids(self, class_labels) -> torch.Tensor:
-        labels = [class_labels] if isinstance(class_labels, (int, str)) else list(class_labels)
+        if isinstance(class_labels, (torch.Tensor, np.ndarray)):
+            if class_labels.ndim > 1:
+                raise ValueError(f"class_labels must be 1-D, got shape {tuple(class_labels.shape)}")
+            class_labels = class_labels.reshape(-1).tolist()
+        if isinstance(class_labels, (str, numbers.Integral)):
+            labels = [class_labels]
+        elif isinstance(class_labels, (list, tuple)):
+            labels = list(class_labels)
+        else:
+            raise TypeError(f"class_labels must be a class id, a class name or a list of them, got "
+                            f"{type(class_labels).__name__}")
         if not labels:
-            raise ValueError("class_labels is empty")
+            raise ValueError("class_labels is empty: pass at least one class id or name")
+        labels = [c if isinstance(c, str) else check_int(f"class_labels[{i}]", c) for i, c in enumerate(labels)]
         names = [c for c in labels if isinstance(c, str)]
         name_ids = iter(self.ar_model.class_ids(names).tolist()) if names else iter(())
-        return torch.as_tensor([next(name_ids) if isinstance(c, str) else int(c) for c in labels], dtype=torch.long)
+        return torch.as_tensor([next(name_ids) if isinstance(c, str) else c for c in labels], dtype=torch.long)
 
     @torch.no_grad()
     def generate_tokens(
@@ -471,12 +597,12 @@ class FlexTokPipeline(DiffusionPipeline):
                              "generate them")
         if (class_labels is None) == (prompt is None):
             raise ValueError("pass exactly one of class_labels or prompt")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        num_images_per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1)
         limit = min(self.ar_model.config.max_tokens, self.num_registers)
-        num_tokens = limit if num_tokens is None else num_tokens
-        if not isinstance(num_tokens, int) or not 1 <= num_tokens <= limit:
-            raise ValueError(f"num_tokens must be an integer in 1..{limit}, got {num_tokens!r}")
+        num_tokens = limit if num_tokens is None else check_int("num_tokens", num_tokens, 1, limit)
+        # checked here (before the text encoder runs) with the pipeline's argument names
+        check_ar_sampling(ar_guidance_scale, ar_guidance_schedule, temperature, top_k, top_p,
+                          guidance_name="ar_guidance_scale")
         kwargs = dict(num_tokens=num_tokens, guidance_scale=ar_guidance_scale, guidance_schedule=ar_guidance_schedule,
                       temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache)
         if prompt is not None:
@@ -516,6 +642,7 @@ class FlexTokPipeline(DiffusionPipeline):
             raise ValueError("pass exactly one of image= (reconstruct), class_labels= or prompt= (generate)")
         if output_type not in OUTPUT_TYPES + ("tokens",):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES + ('tokens',)}, got {output_type!r}")
+        self._check_decoder_options(detokenize_kwargs)  # before any tokenizing or sampling
         if image is None:
             if isinstance(num_tokens, (list, tuple)):
                 raise ValueError("generation takes one num_tokens; decode prefixes of the result for a series")
@@ -535,15 +662,28 @@ class FlexTokPipeline(DiffusionPipeline):
             return (images, sequences)
         return FlexTokPipelineOutput(images=images, tokens=sequences)
 
+    def _check_decoder_options(self, detokenize_kwargs: dict):
+        """``__call__``'s decoder options: known names of :meth:`detokenize`, valid sampling settings."""
+        params = inspect.signature(self.detokenize).parameters
+        own = {"tokens", "generator", "num_images_per_prompt", "output_type", "return_dict"}  # __call__ passes these
+        unknown = sorted(set(detokenize_kwargs) - (set(params) - own))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {unknown}; decoder options are those of detokenize(): "
+                            f"{sorted(set(params) - own)}")
+        value = lambda name: detokenize_kwargs.get(name, params[name].default)  # noqa: E731
+        check_decoder_sampling(value("num_inference_steps"), value("guidance_scale"), value("apg_momentum"),
+                               value("apg_norm_threshold"), value("apg_eta"))
+
     def _reconstruction_sequences(self, image, num_tokens, generator, sample_posterior, num_images_per_prompt,
                                   detokenize_kwargs) -> list:
+        n = self.num_registers
+        if isinstance(num_tokens, (list, tuple)):
+            if not num_tokens:
+                raise ValueError("num_tokens is an empty list: pass at least one token count")
+            ks = [check_int(f"num_tokens[{i}]", k, 1, n) for i, k in enumerate(num_tokens)]
+        else:
+            ks = [n if num_tokens is None else check_int("num_tokens", num_tokens, 1, n)]
         images = self._images_to_tensor(image)
-        ks = num_tokens if isinstance(num_tokens, (list, tuple)) else [num_tokens or self.num_registers]
-        if not ks:
-            raise ValueError("num_tokens is an empty list")
-        for k in ks:
-            if not isinstance(k, int) or not 1 <= k <= self.num_registers:
-                raise ValueError(f"num_tokens must be integers in 1..{self.num_registers}, got {k!r}")
         ids = self.tokenize(images, num_tokens=max(ks), generator=generator, sample_posterior=sample_posterior)
         b, n_k = ids.shape[0], len(ks)
         height, width = images.shape[2:]
