@@ -10,7 +10,8 @@ always started with ``--base-directory COMFYUI_BASE``, so another folder keeps t
 * ``models/flextok/<name>``       -> symlink to ``demo_models/<name>`` for every folder there with a model_index.json;
 * ``input/``                      <- the sample photos of ``demo_models/samples`` (copied);
 * ``user/default/workflows/``     <- ``example_workflows/*.json`` with Load FlexTok set to the demo model
-                                     (refreshed on every run) and Load Image set to a sample photo.
+                                     (refreshed on every run); the reconstruct example's Load Image already names
+                                     a sample photo (checked here to be one of those copied into ``input/``).
 
 Then it starts ComfyUI (``--cpu --listen 127.0.0.1 --port PORT``) in the foreground, or with ``--check`` in the background:
 it queues each example workflow whose demo model is installed (reconstruct, then AR generate) through
@@ -35,7 +36,6 @@ DEMO_MODELS = ROOT / "demo_models"
 SAMPLES = DEMO_MODELS / "samples"
 EXAMPLES = ROOT / "example_workflows"
 WORKFLOW_MODELS = {"flextok_reconstruct.json": "photo_tokenizer", "flextok_ar_generate.json": "fashion_ar"}
-DEMO_IMAGE = "Dragonfly_by_Bolly.jpg"      # the reconstruct workflow's Load Image (from demo_models/samples)
 CHECK_WORKFLOW = "flextok_reconstruct.json"
 
 
@@ -113,7 +113,11 @@ def install_workflows(base: Path, models: list[str]) -> list[tuple[str, str, boo
     dest.mkdir(parents=True, exist_ok=True)
     done = []
     for name, model in WORKFLOW_MODELS.items():
-        ui = retarget_workflow(json.loads((EXAMPLES / name).read_text()), model=model, image=DEMO_IMAGE)
+        ui = retarget_workflow(json.loads((EXAMPLES / name).read_text()), model=model)
+        for node in ui["nodes"]:
+            if node["type"] == "LoadImage" and not (base / "input" / node["widgets_values"][0]).is_file():
+                fail(f"{name}: Load Image names {node['widgets_values'][0]!r}, which is not in {base / 'input'} "
+                     f"(the example workflows should open one of the photos of {SAMPLES})")
         out = dest / name
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(ui, indent=1, ensure_ascii=False) + "\n")

@@ -2,7 +2,8 @@
 # Reproduces the embedded demo models in demo_models/ with our own training scripts, on a CPU.
 #
 # Usage: bash scripts/train_demo_models.sh [photo|fashion|all]     (default: all)
-#   env: PYTHON (default python3), PHOTO_OUT=runs/demo_photo, FASHION_OUT=runs/fashion_demo, DEST_DIR=demo_models
+#   env: PYTHON (default .venv/bin/python, else python3: scripts/_python.sh), PHOTO_OUT=runs/demo_photo,
+#        FASHION_OUT=runs/fashion_demo, DEST_DIR=demo_models
 #
 # (a) demo_models/photo_tokenizer: tiny 16-channel /8 VAE + tiny FlexTok tokenizer (16 registers) on random crops
 #     of natural photos from Debian packages (the issue-5 real-data check, scripts/train_real_data_check.sh),
@@ -20,7 +21,8 @@
 # Bit-identical results need the same torch build and thread count (OMP_NUM_THREADS=1 is set here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+source scripts/_python.sh   # PY: $PYTHON, else .venv/bin/python, else python3
+require_flextok_kit
 WHAT=${1:-all}
 DEST_DIR=${DEST_DIR:-demo_models}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -7,6 +7,7 @@
 #   4. prints PSNR / SSIM / ST-LPIPS versus the number of tokens (and the VAE alone) on the held-out crops.
 #
 # Usage: bash scripts/train_real_data_check.sh            (env: OUT, RES, VAE_STEPS, TOK_STEPS, REPA, PYTHON)
+#   PYTHON: default .venv/bin/python, else python3 (scripts/_python.sh); pip installs go into that interpreter
 # The README table / demo_models/photo_tokenizer came from three runs (each resumes the tokenizer):
 #   VAE_STEPS=1000 TOK_STEPS=2000 bash scripts/train_real_data_check.sh && \
 #   VAE_STEPS=1000 TOK_STEPS=4000 bash scripts/train_real_data_check.sh && \
@@ -15,7 +16,8 @@
 # Needs root for apt-get (skipped when the photos are already installed or when not root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+source scripts/_python.sh   # PY: $PYTHON, else .venv/bin/python, else python3
+require_flextok_kit
 OUT=${OUT:-runs/real_data_check}
 RES=${RES:-64}
 VAE_STEPS=${VAE_STEPS:-2000}

@@ -39,3 +39,25 @@ def test_demo_other_model_and_images(tmp_path):
 def test_demo_ar_model_must_be_a_pipeline(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
         demo.main(["--steps", "1", "--out", str(tmp_path), "--ar-model", str(tmp_path / "nothing")])
+
+
+def test_comfyui_examples_use_the_demo_models_settings():
+    """The ComfyUI examples (what scripts/comfyui_demo.sh opens) decode like the quick start and the model cards:
+    a held-out sample photo, k = 1, 2, 4, ..., 16, 25 Euler steps, guidance 3 with APG; AR guidance 3."""
+    import json
+
+    examples = demo.HERE / "example_workflows"
+    nodes = {}
+    for name in ("flextok_reconstruct", "flextok_ar_generate"):
+        for node in json.loads((examples / f"{name}.json").read_text())["nodes"]:
+            nodes.setdefault((name, node["type"]), []).append(node.get("widgets_values"))
+    (image, _), = nodes["flextok_reconstruct", "LoadImage"]
+    assert (demo.SAMPLES / image).is_file(), image
+    for name in ("flextok_reconstruct", "flextok_ar_generate"):
+        (k_values, *c2f), = nodes[name, "FlexTokCoarseToFine"]
+        assert [int(k) for k in k_values.split(",")] == demo.default_token_counts(16), name
+        (dec,) = nodes[name, "FlexTokDecode"]
+        assert c2f[:3] == dec[:3] == [25, 3.0, True], name  # steps, guidance_scale, use_apg
+    (ar,) = nodes["flextok_ar_generate", "FlexTokARGenerate"]
+    assert ar[3] == demo.AR_DEMO_SETTINGS["ar_guidance_scale"] and ar[5] == demo.AR_DEMO_SETTINGS["top_k"]
+    assert dec[1] == demo.AR_DEMO_SETTINGS["guidance_scale"]
