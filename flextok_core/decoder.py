@@ -84,6 +84,10 @@ class RegisterSequences:
     def guided(self) -> bool:
         return len(self.tokens) == 2
 
+    def conditional(self) -> "RegisterSequences":
+        """The conditional pass alone (a step whose guidance scale is 1 needs no unconditional pass)."""
+        return RegisterSequences(self.tokens[:1], self.key_bias[:1])
+
 
 class FlexTokDecoder(nn.Module):
     def __init__(

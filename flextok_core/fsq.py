@@ -40,6 +40,11 @@ class FSQ(nn.Module):
     def bound(self, z: torch.Tensor) -> torch.Tensor:
         return torch.tanh(z + self._shift) * self._half_l - self._offset
 
+    def saturation(self, z: torch.Tensor, depth: float = 3.0) -> torch.Tensor:
+        """Fraction of pre-FSQ values deep in tanh's flat tail (|z + shift| > depth), where the straight-through
+        gradient vanishes: a tokenizer whose registers collapse to one code drives this towards 1."""
+        return ((z.float() + self._shift).abs() > depth).float().mean()
+
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """``[..., dim]`` -> quantised values in [-1, 1] (straight-through gradient). Runs in float32."""
         bounded = self.bound(z.float())

@@ -62,11 +62,6 @@ class FlexTokModel(ModelMixin, ConfigMixin):
         return self.config.num_registers
 
     @property
-    def latent_multiple(self) -> int:
-        """Latent height/width must be a multiple of this (the patch size)."""
-        return self.config.patch_size
-
-    @property
     def max_latent_size(self) -> tuple[int, int]:
         gh, gw = self.config.grid_size
         return gh * self.config.patch_size, gw * self.config.patch_size
@@ -75,6 +70,14 @@ class FlexTokModel(ModelMixin, ConfigMixin):
     def encode(self, latents: torch.Tensor, num_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """VAE latents ``[B,C,h,w]`` -> (FSQ values ``[B,k,6]``, ids ``[B,k]``) for the first ``k`` tokens."""
         return self.fsq(self.encoder(latents, num_tokens))
+
+    def pre_quantization(self, latents: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+        """The encoder's register outputs before FSQ ``[B,k,6]`` (training monitors look at these)."""
+        return self.encoder(latents, num_tokens)
+
+    def register_values(self, latents: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+        """Quantized register values ``[B,k,6]`` with the straight-through gradient (training)."""
+        return self.fsq.quantize(self.encoder(latents, num_tokens))
 
     # -- detokenizing ---------------------------------------------------------------------------------
     def prepare_registers(self, ids: torch.Tensor, keep_k: torch.Tensor, guidance: bool, fast: bool = True
@@ -86,6 +89,19 @@ class FlexTokModel(ModelMixin, ConfigMixin):
         padded[:, :k] = ids
         values = self.fsq.ids_to_values(padded)
         return self.decoder.prepare_registers(values, keep_k.to(ids.device), guidance=guidance, fast=fast)
+
+    def registers_from_values(self, values: torch.Tensor, keep_k: torch.Tensor, guidance: bool = False,
+                              fast: bool = True, null_condition_mask: torch.Tensor | None = None
+                              ) -> RegisterSequences:
+        """FSQ values ``[B,N,6]`` (training: they carry the encoder's gradient) with nested-dropout lengths
+        ``keep_k [B]`` -> decoder registers; ``null_condition_mask [B]`` drops the condition (CFG dropout)."""
+        return self.decoder.prepare_registers(values, keep_k, guidance=guidance, fast=fast,
+                                              null_condition_mask=null_condition_mask)
+
+    def timestep_modulation(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """The decoder's adaLN modulation for timesteps ``t [T]``, computed once per sampling run (it depends on
+        t alone); pass ``[m[i:i+1] for m in mods]`` as ``modulation`` at step i."""
+        return self.decoder.timestep_modulation(t)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, registers: RegisterSequences,
                 hidden_layer: int | None = None, modulation: list[torch.Tensor] | None = None):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..flextok_core import (LICENSE_NOTICE, FlexTokModel, RegisterSequences, apg_velocity, cfg_velocity,
+from ..flextok_core import (LICENSE_NOTICE, FlexTokModel, apg_velocity, cfg_velocity,
                             load_official, vae_decode, vae_encode)
 from ..flextok_core.ar import check_ar_sampling
 from ..flextok_core.fileio import read_json_object, replace_dir
@@ -505,7 +505,7 @@ class FlexTokPipeline(DiffusionPipeline):
         # timestep conditioning of every step at once (it depends on t alone); computed where the weights are
         # now (offload hooks move them only on forward), then moved to the execution device
         sigmas = self.scheduler.sigmas[:-1].to(self.flextok.device)
-        modulations = [m.to(device) for m in self.flextok.decoder.timestep_modulation(sigmas)]
+        modulations = [m.to(device) for m in self.flextok.timestep_modulation(sigmas)]
 
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, step_t in enumerate(self.scheduler.timesteps):
@@ -517,7 +517,7 @@ class FlexTokPipeline(DiffusionPipeline):
                 for j, c in enumerate(chunks):
                     regs = registers[j]
                     if scale == 1.0 and regs.guided:  # this step needs no unconditional pass
-                        regs = RegisterSequences(regs.tokens[:1], regs.key_bias[:1])
+                        regs = regs.conditional()
                     v = self.flextok(x[c].to(model_dtype), t.expand(x[c].shape[0]), regs,
                                      modulation=[m[i : i + 1] for m in modulations]).float()
                     if not regs.guided:

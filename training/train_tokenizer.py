@@ -99,12 +99,11 @@ class TokenizerTrainModule(nn.Module):
         model = self.flextok
         b, dev = x0.shape[0], x0.device
         n = model.config.num_registers
-        values = model.fsq.quantize(model.encoder(x0))  # [B, N, 6], straight-through
+        values = model.register_values(x0)  # [B, N, 6], straight-through
         if keep_k is None:
             keep_k = sample_keep_k(b, n, self.nested_dropout, device=dev, generator=generator)
         null = torch.rand(b, device=dev, generator=generator) < self.cfg_dropout
-        registers = model.decoder.prepare_registers(values, keep_k, guidance=False, fast=self.fast,
-                                                    null_condition_mask=null)
+        registers = model.registers_from_values(values, keep_k, fast=self.fast, null_condition_mask=null)
         t = sample_timesteps(b, self.t_mode, dev, generator, self.t_mean, self.t_std)
         noise = torch.randn(x0.shape, device=dev, generator=generator, dtype=torch.float32)
         tb = t.view(b, 1, 1, 1)
@@ -194,11 +193,10 @@ def code_health(flextok, x0: torch.Tensor) -> dict:
     pre-FSQ values deep in tanh's flat tail (|z + shift| > 3), where the straight-through gradient vanishes. A tiny
     tokenizer trained with too high a learning rate drives its registers to an image-independent, saturated code
     within a few hundred steps, and never recovers."""
-    z = flextok.encoder(x0).float()                                   # [B, N, d]
+    z = flextok.pre_quantization(x0).float()                          # [B, N, 6]
     ids = flextok.fsq(z)[1]                                           # [B, N]
     distinct = torch.tensor([len(torch.unique(ids[:, i])) for i in range(ids.shape[1])], dtype=torch.float32)
-    saturated = ((z + flextok.fsq._shift).abs() > 3).float().mean()
-    return {"token_usage": distinct.mean() / ids.shape[0], "fsq_saturation": saturated}
+    return {"token_usage": distinct.mean() / ids.shape[0], "fsq_saturation": flextok.fsq.saturation(z)}
 
 
 def data_settings(cfg) -> dict:
