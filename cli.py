@@ -17,10 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-FITS = ("none", "center-crop", "resize")
-
-
-from .images import IMAGE_SUFFIXES, find_images, load_image, to_tensor  # noqa: F401  (re-exported)
+from . import images as image_layer
+from .images import FITS, IMAGE_SUFFIXES, find_images, load_image, to_tensor  # noqa: F401  (re-exported)
 
 
 class CLIError(Exception):
@@ -28,19 +26,29 @@ class CLIError(Exception):
 
 
 # -- images -----------------------------------------------------------------------------------------
+def fit_target(pipe, fit: str, size: int | None) -> int | None:
+    """The square side ``--fit``/``--size`` fit images to (None for ``--fit none``), or a CLIError saying which sizes
+    the model takes."""
+    if image_layer.fit_mode(fit) == "none":
+        return None
+    max_side = min(pipe.default_image_size)
+    unit = pipe.vae_scale_factor * pipe.flextok.config.patch_size
+    target = size or max_side
+    if target % unit or target > max_side:
+        raise CLIError(f"--size {target}: must be a multiple of {unit} and at most {max_side}")
+    return target
+
+
 def fitted_size(w: int, h: int, pipe, fit: str, size: int | None, path: Path) -> tuple[int, int]:
     """(width, height) that ``--fit`` makes of a w x h image, or a CLIError saying which sizes the model takes."""
-    max_h, max_w = pipe.default_image_size
-    unit = pipe.vae_scale_factor * pipe.flextok.config.patch_size
-    if fit == "none":
+    target = fit_target(pipe, fit, size)
+    if target is None:
+        max_h, max_w = pipe.default_image_size
+        unit = pipe.vae_scale_factor * pipe.flextok.config.patch_size
         if w % unit or h % unit or w > max_w or h > max_h:
             raise CLIError(f"{path}: {w}x{h} is not a size this model takes (width and height must be multiples of "
                            f"{unit}, at most {max_w}x{max_h}); pass --fit center-crop or --fit resize")
-        return w, h
-    target = size or min(max_h, max_w)
-    if target % unit or target > min(max_h, max_w):
-        raise CLIError(f"--size {target}: must be a multiple of {unit} and at most {min(max_h, max_w)}")
-    return target, target
+    return image_layer.fitted_size(w, h, target, fit)
 
 
 def probe_image_size(path: Path) -> tuple[int, int]:
@@ -57,20 +65,12 @@ def probe_image_size(path: Path) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # these EXIF orientations turn the image by 90 degrees
 
 
-def fit_image(im, pipe, fit: str, size: int | None, path: Path):
-    """Apply ``--fit`` so the model can take the image, or explain which sizes it can take."""
-    import PIL.Image
-
-    target, _ = fitted_size(*im.size, pipe, fit, size, path)
-    if fit == "none":
-        return im
-    if fit == "resize":
-        return im.resize((target, target), PIL.Image.BICUBIC)
-    w, h = im.size
-    scale = target / min(w, h)
-    im = im.resize((max(target, round(w * scale)), max(target, round(h * scale))), PIL.Image.BICUBIC)
-    left, top = (im.size[0] - target) // 2, (im.size[1] - target) // 2
-    return im.crop((left, top, left + target, top + target))
+def load_fitted(path: Path, pipe, fit: str, size: int | None):
+    """The image at ``path``, fitted as ``--fit`` says (:func:`.images.fit_image`), or a CLIError explaining which
+    sizes the model can take."""
+    im = load_image(path)
+    w, h = fitted_size(*im.size, pipe, fit, size, path)
+    return image_layer.fit_image(im, (h, w), fit)
 
 
 # -- model ------------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def grouped_by_size(paths, pipe, args):
     """Load and fit images, then group them by size (one batch holds one size)."""
     groups: dict = {}
     for path in paths:
-        im = fit_image(load_image(path), pipe, args.fit, args.size, path)
+        im = load_fitted(path, pipe, args.fit, args.size)
         groups.setdefault(im.size, []).append((path, im))
     return groups
 
@@ -188,8 +188,7 @@ class TokenizeJob:
         rows, image_sizes = {}, {}
         for members in by_size.values():
             for batch in batches(members, args.batch_size):
-                loaded = [(i, fit_image(load_image(self.paths[i]), self.pipe, args.fit, args.size, self.paths[i]))
-                          for i in batch]
+                loaded = [(i, load_fitted(self.paths[i], self.pipe, args.fit, args.size)) for i in batch]
                 for size in dict.fromkeys(im.size for _, im in loaded):  # one tensor per size, should a probe be off
                     part = [(i, im) for i, im in loaded if im.size == size]
                     ids = self.pipe.tokenize(to_tensor([im for _, im in part]), num_tokens=self.k, generator=generator,
@@ -430,31 +429,29 @@ def cmd_generate(args):
 
 def cmd_eval(args):
     from . import evaluation as ev
+    from .metrics import build_feature_net
 
     if not args.inputs and not args.reference:
         raise CLIError("pass images to reconstruct (files/folders) and/or --reference FOLDER for AR generation metrics")
     pipe = load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
-    size = args.size or min(pipe.default_image_size)
-    unit = pipe.vae_scale_factor * pipe.flextok.config.patch_size
-    if size % unit or size > min(pipe.default_image_size):
-        raise CLIError(f"--size {size}: must be a multiple of {unit} and at most {min(pipe.default_image_size)}")
+    size = fit_target(pipe, args.fit, args.size)
     try:
-        features = ev.build_feature_net(args.features)
+        features = build_feature_net(args.features)
     except (ImportError, ValueError) as e:
         raise CLIError(str(e)) from e
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     results = []
     try:
         if args.inputs:
-            images = ev.load_folder(args.inputs, size, args.fit, args.num_images)
+            inputs = image_layer.load_batch(args.inputs, size, args.fit, args.num_images)
             results.append(ev.evaluate_reconstruction(
-                pipe, images, args.tokens, args.steps, args.guidance, not args.no_apg, args.perceptual, features,
+                pipe, inputs, args.tokens, args.steps, args.guidance, not args.no_apg, args.perceptual, features,
                 args.batch_size, args.seed, args.kid_subset_size, say))
         if args.reference:
             if features is None:
                 raise CLIError("generation metrics need a feature network: --features effnet-lite0 or a path")
-            reference = ev.load_folder([args.reference], size, args.fit, args.num_reference)
+            reference = image_layer.load_batch([args.reference], size, args.fit, args.num_reference)
             classes = [int(c) if c.lstrip("-").isdigit() else c for c in args.classes] if args.classes else None
             results.append(ev.evaluate_generation(
                 pipe, reference, features, args.tokens, args.num_samples, classes, args.prompts, args.ar_guidance,
@@ -510,29 +507,27 @@ def cmd_info(args):
 
 
 # -- parser -----------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flextok", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def model_options(p, positional=False):
+    if positional:
+        p.add_argument("model", help="our diffusers folder, an official FlexTok folder, or a hub id")
+    else:
+        p.add_argument("--model", default=os.environ.get("FLEXTOK_MODEL"),
+                       help="our diffusers folder, an official FlexTok folder, or a hub id ($FLEXTOK_MODEL)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
-    def model_options(p, positional=False):
-        if positional:
-            p.add_argument("model", help="our diffusers folder, an official FlexTok folder, or a hub id")
-        else:
-            p.add_argument("--model", default=os.environ.get("FLEXTOK_MODEL"),
-                           help="our diffusers folder, an official FlexTok folder, or a hub id ($FLEXTOK_MODEL)")
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
-    def image_options(p):
-        p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-        p.add_argument("--fit", choices=FITS, default="none",
-                       help="for sizes the model cannot take: centre-crop or resize to --size (default: refuse)")
-        p.add_argument("--size", type=int, help="target size for --fit (default: the model's largest)")
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--quiet", action="store_true")
+def image_options(p):
+    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--fit", choices=FITS, default="none",
+                   help="for sizes the model cannot take: centre-crop or resize to --size (default: refuse)")
+    p.add_argument("--size", type=int, help="target size for --fit (default: the model's largest)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
 
+
+def add_convert_parser(sub):
     p = sub.add_parser("convert", help="official release -> our diffusers-format folder")
     p.add_argument("source", help="official FlexTok folder or hub id (e.g. EPFL-VILAB/flextok_d18_d18_in1k)")
     p.add_argument("out", help="output folder")
@@ -542,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
 
+
+def add_tokenize_parser(sub):
     p = sub.add_parser("tokenize", help="images -> token ids in a token file (or a folder of token shards)")
     image_options(p)
     model_options(p)
@@ -557,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encode the VAE posterior mean instead of a sample (the release samples)")
     p.set_defaults(func=cmd_tokenize)
 
+
+def add_detokenize_parser(sub):
     p = sub.add_parser("detokenize", help="a token file (or shard folder) -> one PNG per row")
     p.add_argument("tokens", help="a token file (.safetensors, any version) or a folder of token shards")
     model_options(p)
@@ -572,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_detokenize)
 
+
+def add_reconstruct_parser(sub):
     p = sub.add_parser("reconstruct", help="images -> labelled coarse-to-fine grid at several token budgets")
     image_options(p)
     model_options(p)
@@ -583,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-batch-size", type=int, default=16)
     p.set_defaults(func=cmd_reconstruct)
 
+
+def add_generate_parser(sub):
     p = sub.add_parser("generate", help="sample images from classes or prompts with the AR model")
     model_options(p)
     p.add_argument("--class", dest="classes", action="append", help="class id or name (repeatable)")
@@ -605,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-tokens", help="also write the sampled ids to this .safetensors file")
     p.set_defaults(func=cmd_generate)
 
+
+def add_eval_parser(sub):
     p = sub.add_parser("eval", help="metrics vs number of tokens: reconstruction (PSNR/SSIM/perceptual/FID/KID) and "
                                     "AR generation (FID/KID vs a reference folder)")
     p.add_argument("inputs", nargs="*", help="images to reconstruct: files and/or folders (searched recursively)")
@@ -641,10 +646,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+
+def add_info_parser(sub):
     p = sub.add_parser("info", help="describe a model")
     p.add_argument("model", help="our diffusers folder, an official FlexTok folder, or a hub id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flextok", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_convert_parser, add_tokenize_parser, add_detokenize_parser, add_reconstruct_parser,
+                add_generate_parser, add_eval_parser, add_info_parser):
+        add(sub)
     return parser
 
 

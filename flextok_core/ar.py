@@ -30,7 +30,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .layers import SwiGLU, swiglu_hidden_dim
-from .sampling import check_float, check_guidance_scale, check_int
+from .checks import check_float, check_int
+from .guidance import GUIDANCE_SCHEDULES, cfg_logits, check_guidance_scale, guidance_scales
 
 # Paper AR sizes: depth d, width 64 d, head_dim 64 (d heads), SwiGLU hidden int(8 width / 3). The paper's
 # counts are the transformer blocks alone, which these match; the 64000-token embedding adds 64000 * width once
@@ -49,9 +50,6 @@ AR_PRESETS: dict[str, dict] = {
     "tiny": dict(depth=2, dim=64, head_dim=32),
     "tiny-text": dict(depth=2, dim=64, head_dim=32, num_classes=0, text_dim=384),
 }
-
-GUIDANCE_SCHEDULES = ("constant", "linear")
-
 
 # ----------------------------------------------------------------------------------------------------------
 # rotary position embedding
@@ -152,23 +150,14 @@ class ARBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# sampling helpers
+# sampling helpers (guidance and its schedules: .guidance)
 # ----------------------------------------------------------------------------------------------------------
-def guidance_scales(num_tokens: int, guidance_scale: float, schedule: str = "constant") -> list[float]:
-    """Per-token CFG scale. ``linear`` ramps from 1 at token 0 to ``guidance_scale`` at the last token, so the
-    coarse first tokens (global layout) are guided least; a single token is the ramp's start (scale 1)."""
-    if schedule not in GUIDANCE_SCHEDULES:
-        raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
-    if schedule == "constant":
-        return [float(guidance_scale)] * num_tokens
-    return [1.0 + (guidance_scale - 1.0) * i / max(num_tokens - 1, 1) for i in range(num_tokens)]
-
-
 def check_ar_sampling(guidance_scale, guidance_schedule, temperature, top_k, top_p,
                       guidance_name: str = "guidance_scale") -> tuple[float, str, float, int, float]:
     """The AR sampling settings, checked (shared by :meth:`FlexTokAR.generate` and the pipeline, which calls the
     guidance ``ar_guidance_scale``): guidance scale finite >= 0 (see ``check_guidance_scale``), schedule one of
-    :data:`GUIDANCE_SCHEDULES`, temperature finite > 0, ``top_k`` an int >= 0 (0 = off), ``top_p`` in (0, 1]."""
+    :data:`.guidance.GUIDANCE_SCHEDULES`, temperature finite > 0, ``top_k`` an int >= 0 (0 = off), ``top_p`` in
+    (0, 1]."""
     scale = check_guidance_scale(guidance_name, guidance_scale)
     schedule_name = guidance_name.replace("_scale", "_schedule")
     if not isinstance(guidance_schedule, str) or guidance_schedule not in GUIDANCE_SCHEDULES:
@@ -178,12 +167,6 @@ def check_ar_sampling(guidance_scale, guidance_schedule, temperature, top_k, top
     top_k = check_int("top_k", top_k, minimum=0)
     top_p = check_float("top_p", top_p, 0.0, 1.0, open_minimum=True, hint="1 = off")
     return scale, guidance_schedule, temperature, top_k, top_p
-
-
-def cfg_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """Doubled-batch logits ``[2B, V]`` (conditional rows first) -> guided ``[B, V]``: null + s (cond - null)."""
-    cond, uncond = logits.float().chunk(2)
-    return uncond + scale * (cond - uncond)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -433,7 +416,7 @@ class FlexTokAR(ModelMixin, ConfigMixin):
 
         class_labels ``[B]`` ints in ``[0, num_classes)`` or text_states ``[B, S, text_dim]`` (+ text_mask
         ``[B, S]``, 1 = real token), per the config. ``guidance_scale != 1`` runs the null condition alongside in
-        one doubled batch: ``logits = null + s_i * (cond - null)``, ``s_i`` per :func:`guidance_scales`. Then
+        one doubled batch: ``logits = null + s_i * (cond - null)``, ``s_i`` per :func:`.guidance.guidance_scales`. Then
         temperature, top-k, top-p, and one ``torch.multinomial(generator=generator)`` draw per token.
         ``use_cache=False`` recomputes the whole sequence every step (reference path, same tokens).
         """
@@ -501,5 +484,4 @@ class FlexTokAR(ModelMixin, ConfigMixin):
         return self._logits(h)
 
 
-__all__ = ["AR_PRESETS", "FlexTokAR", "KVCache", "cfg_logits", "check_ar_sampling", "filter_logits",
-           "guidance_scales", "sample_logits"]
+__all__ = ["AR_PRESETS", "FlexTokAR", "KVCache", "check_ar_sampling", "filter_logits", "sample_logits"]

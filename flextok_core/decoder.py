@@ -3,17 +3,10 @@
 Sequence per sample: [noised latent patches (P), registers (N)], full bidirectional attention. Registers past
 the kept prefix ``keep_k`` are overwritten by a learned mask token (nested dropout); for classifier-free
 guidance every register is overwritten by the null condition. adaLN-zero on the timestep modulates patches
-and registers separately (``adaln_expansion = 2``).
-
-Exact fast path: the overwritten registers are identical vectors, and nothing position-dependent touches
-them after the overwrite, so they stay identical through every block. A run of ``n`` identical keys/values
-contributes ``n * exp(q.k) v`` to attention, which one token with key logit ``q.k + log n`` reproduces. The
-conditional sequence therefore shrinks from P+N to P+k+1 tokens and the unconditional one to P+1.
+and registers separately (``adaln_expansion = 2``). The register sequences (and their exact collapsed form,
+P+k+1 tokens instead of P+N) are built in :mod:`.registers`.
 """
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +14,7 @@ from diffusers.models.embeddings import TimestepEmbedding
 from torch import nn
 
 from .layers import Attention, SwiGLU, layer_norm, patchify, sincos_2d, swiglu_hidden_dim, timestep_frequencies, unpatchify
+from .registers import RegisterSequences, build_register_sequences, mask_dropped
 
 Groups = list  # [(batch, length, attention mask or None)] -- see layers.Attention
 
@@ -66,27 +60,6 @@ class AdaLNBlock(nn.Module):
 
         x = x + gated(self.attn(modulated(layer_norm(x), shift_msa, scale_msa), groups), gate_msa)
         return x + gated(self.mlp(modulated(layer_norm(x), shift_mlp, scale_mlp)), gate_mlp)
-
-
-@dataclass
-class RegisterSequences:
-    """Register tokens of every decoder pass of one sampling run, built once and reused at every step.
-
-    ``tokens[g]`` is ``[B, R_g, D]`` for group ``g`` (conditional first, then unconditional if guided), and
-    ``key_bias[g]`` is ``[B, R_g]`` (``log`` of the run length each token stands for, ``-inf`` for padding) or
-    ``None`` when every token stands for itself.
-    """
-
-    tokens: list
-    key_bias: list
-
-    @property
-    def guided(self) -> bool:
-        return len(self.tokens) == 2
-
-    def conditional(self) -> "RegisterSequences":
-        """The conditional pass alone (a step whose guidance scale is 1 needs no unconditional pass)."""
-        return RegisterSequences(self.tokens[:1], self.key_bias[:1])
 
 
 class FlexTokDecoder(nn.Module):
@@ -143,8 +116,7 @@ class FlexTokDecoder(nn.Module):
         """FSQ values [B,N,6] -> register tokens [B,N,D], positions >= keep_k overwritten by the mask token."""
         n = values.shape[1]
         x = self.from_latents(values.to(self.from_latents.weight.dtype)) + self.register_pos_embed[:n]
-        dropped = torch.arange(n, device=x.device)[None, :] >= keep_k[:, None]  # [B, N]
-        return torch.where(dropped[..., None], self.mask_token.to(x.dtype), x)
+        return mask_dropped(x, keep_k, self.mask_token)
 
     def prepare_registers(
         self,
@@ -154,41 +126,15 @@ class FlexTokDecoder(nn.Module):
         fast: bool = True,
         null_condition_mask: torch.Tensor | None = None,
     ) -> RegisterSequences:
-        """Build the register sequences of the conditional (and, if ``guidance``, unconditional) pass.
+        """Build the register sequences of the conditional (and, if ``guidance``, unconditional) pass
+        (:func:`.registers.build_register_sequences`).
 
         values: FSQ values ``[B, N, 6]`` (positions >= keep_k are ignored); keep_k: ``[B]`` in 1..N;
         null_condition_mask: ``[B]`` bool, samples whose conditional pass is unconditional (CFG dropout).
         """
-        b, n, _ = values.shape
-        dim = self.mask_token.shape[0]
         tokens = self.embed_registers(values, keep_k)
-        if null_condition_mask is not None:
-            tokens = torch.where(null_condition_mask[:, None, None], self.null_cond.to(tokens.dtype), tokens)
-        null = self.null_cond.to(tokens.dtype)
-        if not fast:
-            seqs = RegisterSequences([tokens], [None])
-            if guidance:
-                seqs.tokens.append(null.expand(b, n, dim))
-                seqs.key_bias.append(None)
-            return seqs
-        if null_condition_mask is not None and bool(null_condition_mask.any()):
-            # A null-conditioned sample is one run of n identical tokens.
-            keep_k = torch.where(null_condition_mask, 0, keep_k)
-        # conditional: the kept prefix, then one token standing for the run of n - k mask tokens
-        has_run = keep_k < n
-        length = int((keep_k + has_run.long()).max())
-        pos = torch.arange(length, device=tokens.device)[None, :]  # [1, R]
-        run_len = torch.where(pos < keep_k[:, None], 1, torch.where(pos == keep_k[:, None], n - keep_k[:, None], 0))
-        cond_tokens = tokens[:, :length]
-        fill = torch.where(null_condition_mask[:, None, None], null, self.mask_token.to(tokens.dtype)) \
-            if null_condition_mask is not None else self.mask_token.to(tokens.dtype).expand(b, 1, dim)
-        cond_tokens = torch.where(pos[..., None] >= keep_k[:, None, None], fill, cond_tokens)
-        bias = None if bool((run_len == 1).all()) else torch.log(run_len.float())
-        seqs = RegisterSequences([cond_tokens], [bias])
-        if guidance:
-            seqs.tokens.append(null.expand(b, 1, dim))
-            seqs.key_bias.append(torch.full((b, 1), math.log(n), device=tokens.device))
-        return seqs
+        return build_register_sequences(tokens, keep_k, self.mask_token, self.null_cond, guidance=guidance, fast=fast,
+                                        null_condition_mask=null_condition_mask)
 
     # -- velocity -----------------------------------------------------------------------------------
     def embed_patches(self, x_t: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,9 @@ from torch import nn
 from .layers import TransformerBlock, layer_norm, patchify, sincos_2d
 
 
-def causal_last_mask(num_patches: int, num_registers: int, device=None) -> torch.Tensor:
-    """Boolean ``[L, L]`` mask (True = may attend) for the sequence [patches, registers]."""
-    length = num_patches + num_registers
+def causal_last_mask(num_patches: int, num_tokens: int, device=None) -> torch.Tensor:
+    """Boolean ``[L, L]`` mask (True = may attend) for the sequence [patches, first ``num_tokens`` registers]."""
+    length = num_patches + num_tokens
     idx = torch.arange(length, device=device)
     is_patch_key = idx[None, :] < num_patches
     register_causal = (idx[None, :] >= num_patches) & (idx[None, :] <= idx[:, None]) & (idx[:, None] >= num_patches)
@@ -50,18 +50,20 @@ class FlexTokEncoder(nn.Module):
         gh, gw = x.shape[1:3]
         return x + self.pos_embed[:gh, :gw].to(x.dtype)
 
-    def encode_registers(self, latents: torch.Tensor, num_registers: int | None = None) -> torch.Tensor:
-        """Latents ``[B,C,h,w]`` -> transformer outputs at the first ``n`` register positions ``[B,n,D]``."""
-        n = self.registers.shape[0] if num_registers is None else num_registers
+    def encode_registers(self, latents: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+        """Latents ``[B,C,h,w]`` -> transformer outputs at the first ``k = num_tokens`` register positions
+        ``[B,k,D]`` (default: all N)."""
+        k = self.registers.shape[0] if num_tokens is None else num_tokens
         patches = self.embed_patches(latents).flatten(1, 2)  # [B, P, D]
         b, p, d = patches.shape
-        registers = self.registers[:n].to(patches.dtype).expand(b, n, d)
-        x = torch.cat([patches, registers], dim=1).reshape(b * (p + n), d)  # packed [T, D]
-        groups = [(b, p + n, causal_last_mask(p, n, device=x.device))]
+        registers = self.registers[:k].to(patches.dtype).expand(b, k, d)
+        x = torch.cat([patches, registers], dim=1).reshape(b * (p + k), d)  # packed [T, D]
+        groups = [(b, p + k, causal_last_mask(p, k, device=x.device))]
         for block in self.blocks:
             x = block(x, groups)
-        return x.view(b, p + n, d)[:, p:]
+        return x.view(b, p + k, d)[:, p:]
 
-    def forward(self, latents: torch.Tensor, num_registers: int | None = None) -> torch.Tensor:
-        """Latents ``[B,C,h,w]`` -> register latents ``[B,n,latent_dim]`` (before FSQ)."""
-        return self.to_latents(layer_norm(self.encode_registers(latents, num_registers)))
+    def forward(self, latents: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+        """Latents ``[B,C,h,w]`` -> register latents ``[B,k,latent_dim]`` for the first ``k = num_tokens``
+        registers (before FSQ)."""
+        return self.to_latents(layer_norm(self.encode_registers(latents, num_tokens)))

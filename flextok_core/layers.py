@@ -119,11 +119,6 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(layer_norm(x))
 
 
-def run_length_bias(run_lengths: torch.Tensor) -> torch.Tensor:
-    """Key logit bias that makes one token stand for ``n`` identical tokens: ``log n`` (``-inf`` for ``n = 0``)."""
-    return torch.log(run_lengths.float())
-
-
 def timestep_frequencies(dim: int, max_timestep: float, max_period: float = 256.0) -> torch.Tensor:
     half = dim // 2
     return (1000.0 / max_timestep) * torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)

@@ -5,9 +5,10 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from .decoder import FlexTokDecoder, RegisterSequences
+from .decoder import FlexTokDecoder
 from .encoder import FlexTokEncoder
 from .fsq import FSQ
+from .registers import RegisterSequences
 
 
 class FlexTokModel(ModelMixin, ConfigMixin):

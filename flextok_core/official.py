@@ -335,11 +335,9 @@ def _patch_size(spec: dict, where: str) -> int:
     return ps[0]
 
 
-def parse_config(config: dict) -> tuple[dict, dict]:
-    """Official config -> (FlexTokModel config kwargs, VAE settings). Nothing named in it is executed.
-
-    Every value is read through a typed accessor, so a wrong JSON type names its key path and the expected type.
-    """
+def _match_modules(config: dict) -> tuple[dict, dict]:
+    """The config's top-level entries and targets checked; -> the encoder's and decoder's modules by role
+    ``{role: (name, spec)}``. Any ``_target_`` outside the places the mapping knows is refused."""
     if not isinstance(config, dict):
         _bad_value("config", "an object with the entries vae, encoder, decoder, regularizer, ...", config)
     for key, spec in config.items():
@@ -363,7 +361,15 @@ def parse_config(config: dict) -> tuple[dict, dict]:
             if role in PER_SAMPLE_OPS:
                 allowed.add(f"{half}.module_dict.{name}.per_sample_op")
     _check_nested_targets(config, "", allowed)
+    return enc, dec
 
+
+def parse_config(config: dict) -> tuple[dict, dict]:
+    """Official config -> (FlexTokModel config kwargs, VAE settings). Nothing named in it is executed.
+
+    Every value is read through a typed accessor, so a wrong JSON type names its key path and the expected type.
+    """
+    enc, dec = _match_modules(config)
     vae = config["vae"]
     levels = _int_list(config["regularizer"], "levels", "regularizer", [8, 8, 8, 5, 5, 5], minimum=2)
 

@@ -17,8 +17,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
-from .core import (FIT_MODES, FlexTokTokens, draw_label, find_model_folders, fit_images, list_token_files,
-                   load_tokens, model_identity, parse_k_list, resolve_model_folder, save_tokens)
+from .core import (FIT_MODES, FIT_VALUES, FlexTokTokens, draw_label, find_model_folders, fit_images,
+                   list_token_files, load_tokens, model_identity, parse_k_list, resolve_model_folder, save_tokens)
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class FlexTokHandle:
         self.identity, self.patcher = identity, patcher
 
     @property
-    def num_tokens(self) -> int:
+    def num_registers(self) -> int:
+        """N: the model's register count, the most tokens it makes per image."""
         return int(self.pipe.num_registers)
 
     @property
@@ -71,11 +72,11 @@ class FlexTokHandle:
         return self.pipe
 
     def make_tokens(self, ids: torch.Tensor, image_size) -> FlexTokTokens:
-        return FlexTokTokens(ids, self.identity, self.name, tuple(image_size), self.num_tokens,
+        return FlexTokTokens(ids, self.identity, self.name, tuple(image_size), self.num_registers,
                              int(self.pipe.flextok.vocab_size))
 
     def __repr__(self):
-        return f"FlexTokHandle('{self.name}', {self.kind}, N={self.num_tokens}, id={self.identity[:12]})"
+        return f"FlexTokHandle('{self.name}', {self.kind}, N={self.num_registers}, id={self.identity[:12]})"
 
 
 def model_roots() -> list[str]:
@@ -204,9 +205,9 @@ class FlexTokEncode(io.ComfyNode):
             inputs=[
                 FlexTokModelType.Input("flextok_model"),
                 io.Image.Input("image"),
-                io.Combo.Input("fit", options=list(FIT_MODES), default="center_crop",
-                               tooltip="center_crop: scale to cover the model's size and cut the middle; stretch: "
-                                       "resize to the model's size; none: keep the size (multiples of 16, at most the "
+                io.Combo.Input("fit", options=list(FIT_MODES), default="center-crop",
+                               tooltip="center-crop: scale to cover the model's size and cut the middle; resize: "
+                                       "squash to the model's size; none: keep the size (multiples of 16, at most the "
                                        "model's size) or fail"),
                 io.Int.Input("posterior_seed", default=0, min=0, max=MAX_SEED, control_after_generate=False,
                              tooltip="seed of the VAE posterior sample (used when the model samples it)"),
@@ -216,7 +217,8 @@ class FlexTokEncode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, fit=None):
-        return _check_choice("fit", fit, FIT_MODES)
+        # workflows saved before the one fit vocabulary hold center_crop / stretch: accepted (fit_images maps them)
+        return True if fit in FIT_VALUES else _check_choice("fit", fit, FIT_MODES)
 
     @classmethod
     def execute(cls, flextok_model, image, fit, posterior_seed) -> io.NodeOutput:
@@ -309,7 +311,7 @@ class FlexTokCoarseToFine(io.ComfyNode):
 
     @classmethod
     def execute(cls, flextok_model, tokens, k_values, steps, guidance_scale, use_apg, seed, label) -> io.NodeOutput:
-        ks = parse_k_list(k_values, flextok_model.num_tokens, tokens.min_tokens)  # every image has each k
+        ks = parse_k_list(k_values, flextok_model.num_registers, tokens.min_tokens)  # every image has each k
         b = tokens.batch_size
         seqs = [tokens.ids[i, :k] for i in range(b) for k in ks]  # image-major: image 0 at every k, then image 1
         gens = [_generators(int(seed) + i, 1)[0] for i in range(b) for _ in ks]  # image i: the same noise at every k
@@ -443,13 +445,13 @@ class FlexTokARGenerate(io.ComfyNode):
                 "load a model folder that includes one (model_index.json with an ar_model entry)")
         if not hasattr(pipe, "generate_tokens"):
             raise RuntimeError("this FlexTokPipeline has no generate_tokens(); update flextok_kit")
-        limit = flextok_model.num_tokens
+        limit = flextok_model.num_registers
         max_ar = getattr(getattr(ar_model, "config", None), "max_tokens", None)
         if max_ar:
             limit = min(limit, int(max_ar))
         if not 1 <= num_tokens <= limit:
             raise ValueError(f"num_tokens={num_tokens} is out of range: model '{flextok_model.name}' generates at most "
-                             f"{limit} tokens (N={flextok_model.num_tokens}); use 1..{limit}")
+                             f"{limit} tokens (N={flextok_model.num_registers}); use 1..{limit}")
         prompt = (prompt or "").strip()
         if prompt:
             conditioning = {"prompt": [prompt] * batch_size, "class_labels": None}

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import token_files
+from ..images import FIT_ALIASES, FITS, fit_mode, fit_tensor
 from ..token_files import TokenFile
 
-FIT_MODES = ("center_crop", "stretch", "none")
+FIT_MODES = FITS  # the Encode node's `fit` options: the one vocabulary of images.py
+FIT_VALUES = FITS + tuple(FIT_ALIASES)  # what the node accepts: saved workflows may hold the old names
 
 
 # ----------------------------------------------------------------------------------------------- model folders
@@ -252,11 +253,10 @@ def parse_k_list(text: str, n: int, available: int | None = None) -> list[int]:
 def fit_images(images: torch.Tensor, target: tuple[int, int], mode: str, check=None) -> torch.Tensor:
     """ComfyUI IMAGE [B,H,W,C] in [0,1] -> [B,3,h,w] in [0,1] at a size the model accepts.
 
-    center_crop: scale so the image covers ``target`` and cut the middle (aspect kept; what FlexTok was trained on);
-    stretch: resize to ``target``; none: keep the size, and let ``check(h, w)`` raise if the model cannot take it.
+    ``mode`` as :func:`..images.fit_tensor` (center-crop | resize | none; the old names center_crop / stretch are
+    accepted); with none the size is kept and ``check(h, w)`` raises if the model cannot take it.
     """
-    if mode not in FIT_MODES:
-        raise ValueError(f"fit must be one of {FIT_MODES}, got {mode!r}")
+    mode = fit_mode(mode)
     if images.dim() == 3:
         images = images[None]
     if images.dim() != 4:
@@ -269,25 +269,12 @@ def fit_images(images: torch.Tensor, target: tuple[int, int], mode: str, check=N
     elif c != 3:
         raise ValueError(f"IMAGE must have 1, 3 or 4 channels, got {c}")
     x = images.movedim(-1, 1).float().clamp(0, 1)
-    h, w = x.shape[-2:]
-    th, tw = target
-    if mode == "none":
-        if check is not None:
-            try:
-                check(h, w)
-            except ValueError as e:
-                raise ValueError(f"{e} (set fit to 'center_crop' or 'stretch' to resize automatically)") from None
-        return x
-    if (h, w) == (th, tw):
-        return x
-    if mode == "stretch":
-        return F.interpolate(x, size=(th, tw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    scale = max(th / h, tw / w)
-    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    top, left = (nh - th) // 2, (nw - tw) // 2
-    return x[:, :, top:top + th, left:left + tw]
+    if mode == "none" and check is not None:
+        try:
+            check(*x.shape[-2:])
+        except ValueError as e:
+            raise ValueError(f"{e} (set fit to 'center-crop' or 'resize' to resize automatically)") from None
+    return fit_tensor(x, tuple(target), mode)
 
 
 def draw_label(image: torch.Tensor, text: str) -> torch.Tensor:

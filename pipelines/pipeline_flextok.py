@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..flextok_core import (LICENSE_NOTICE, FlexTokModel, apg_velocity, cfg_velocity,
-                            load_official, vae_decode, vae_encode)
+from ..flextok_core import LICENSE_NOTICE, FlexTokModel, load_official, vae_decode, vae_encode
 from ..flextok_core.ar import check_ar_sampling
+from ..flextok_core.checks import check_int
 from ..flextok_core.fileio import read_json_object, replace_dir
+from ..flextok_core.guidance import MomentumBuffer, apg_velocity, cfg_velocity, decoder_guidance_scales
 from ..flextok_core.official import non_floating_weights
-from ..flextok_core.sampling import MomentumBuffer, check_decoder_sampling, check_guidance_value, check_int
+from ..flextok_core.sampling import check_decoder_sampling
 from ..images import to_rgb8
 from .scheduling_flextok import FlexTokFlowScheduler, flextok_sigmas
 
@@ -54,6 +55,23 @@ class FlexTokPipelineOutput(ImagePipelineOutput):
     (or a list of ragged sequences)."""
 
     tokens: torch.Tensor | list | None = None
+
+
+@dataclass
+class _DecodeRun:
+    """What every sampling step of one :meth:`FlexTokPipeline.detokenize` run reads (built once, before step 0)."""
+
+    chunks: list            # slices of the batch run through the decoder together (decode_batch_size)
+    registers: list         # RegisterSequences per chunk (they do not change over the steps)
+    momentum: list          # APG MomentumBuffer per chunk
+    scales: list            # guidance scale per step
+    guided: bool            # any step guided (scale != 1): the register sequences hold the unconditional pass
+    modulations: list       # the decoder's adaLN modulation of every step (row i = step i)
+    model_dtype: torch.dtype
+    device: torch.device
+    use_apg: bool
+    apg_norm_threshold: float
+    apg_eta: float
 
 
 def _ensure_importable_as_package():
@@ -421,13 +439,62 @@ class FlexTokPipeline(DiffusionPipeline):
         gens = generator if isinstance(generator, list) else [generator] * batch_size
         return torch.cat([randn_tensor((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in gens])
 
-    def _guidance_scales(self, guidance_scale: float, guidance_schedule: Callable | None, sigmas) -> list[float]:
-        if guidance_schedule is None:
-            return [float(guidance_scale)] * len(sigmas)
-        if not callable(guidance_schedule):
-            raise TypeError(f"guidance_schedule must be None or a callable t -> scale, got "
-                            f"{type(guidance_schedule).__name__}")
-        return [check_guidance_value(guidance_schedule(float(t)), float(t)) for t in sigmas]
+    def _prepare_decoding(self, ids, keep_k, num_inference_steps, guidance_scale, guidance_schedule, use_apg,
+                          apg_momentum, apg_norm_threshold, apg_eta, fast_decoding, decode_batch_size,
+                          device) -> _DecodeRun:
+        """Set the scheduler's grid and build what the sampling steps reuse: the guidance scale of every step, the
+        register sequences and APG buffers of every chunk of at most ``decode_batch_size`` images, and the
+        decoder's timestep modulation of every step."""
+        b = ids.shape[0]
+        self.scheduler.set_timesteps(sigmas=flextok_sigmas(num_inference_steps), device=device)
+        scales = decoder_guidance_scales(guidance_scale, guidance_schedule, self.scheduler.sigmas[:-1].tolist())
+        guided = any(s != 1.0 for s in scales)
+        chunk = decode_batch_size or b
+        chunks = [slice(i, min(i + chunk, b)) for i in range(0, b, chunk)]
+        # Register sequences do not change over the steps: build them once per chunk.
+        registers = [self.flextok.prepare_registers(ids[c], keep_k[c], guidance=guided, fast=fast_decoding)
+                     for c in chunks]
+        momentum = [MomentumBuffer(apg_momentum) for _ in chunks]
+        model_dtype = self.flextok.dtype
+        # timestep conditioning of every step at once (it depends on t alone); computed where the weights are
+        # now (offload hooks move them only on forward), then moved to the execution device
+        sigmas = self.scheduler.sigmas[:-1].to(self.flextok.device)
+        modulations = [m.to(device) for m in self.flextok.timestep_modulation(sigmas)]
+        return _DecodeRun(chunks, registers, momentum, scales, guided, modulations, model_dtype, device, use_apg,
+                          apg_norm_threshold, apg_eta)
+
+    def _step_velocity(self, run: _DecodeRun, i: int, x: torch.Tensor):
+        """One sampling step's velocity at step ``i`` for latents ``x`` ``[B,C,h,w]``: the decoder on every chunk
+        (the conditional pass and, when step ``i`` is guided, the unconditional one), combined by APG or CFG.
+        Returns (velocity, v_cond, v_uncond); ``v_uncond`` is None for an unguided run and NaN at a step that
+        skips the unconditional pass."""
+        scale = run.scales[i]
+        t = self.scheduler.sigmas[i].to(run.device)
+        velocity, v_cond, v_uncond = torch.empty_like(x), torch.empty_like(x), None
+        if run.guided:
+            v_uncond = torch.empty_like(x)
+        for j, c in enumerate(run.chunks):
+            regs = run.registers[j]
+            if scale == 1.0 and regs.guided:  # this step needs no unconditional pass
+                regs = regs.conditional()
+            v = self.flextok(x[c].to(run.model_dtype), t.expand(x[c].shape[0]), regs,
+                             modulation=[m[i : i + 1] for m in run.modulations]).float()
+            if not regs.guided:
+                v_cond[c] = velocity[c] = v
+                if v_uncond is not None:
+                    v_uncond[c] = float("nan")  # not computed at this step
+                continue
+            v_cond[c], v_uncond[c] = v.chunk(2)
+            velocity[c] = (apg_velocity(v_cond[c], v_uncond[c], scale, run.momentum[j], run.apg_norm_threshold,
+                                        run.apg_eta) if run.use_apg else cfg_velocity(v_cond[c], v_uncond[c], scale))
+        return velocity, v_cond, v_uncond
+
+    def _latents_to_images(self, x: torch.Tensor, chunks: list, output_type: str):
+        """Final tokenizer-space latents -> images of ``output_type`` (the VAE decodes chunk by chunk)."""
+        if output_type == "latent":
+            return x
+        image = torch.cat([vae_decode(self.vae, x[c]).float() for c in chunks])
+        return self.image_processor.postprocess(image, output_type=output_type)
 
     @torch.no_grad()
     def detokenize(
@@ -464,7 +531,7 @@ class FlexTokPipeline(DiffusionPipeline):
             the final tokenizer-space latents (the VAE decoder's input).
         decode_batch_size: run the decoder (and the VAE) on at most this many images at once (bounded memory;
             results do not depend on it).
-        fast_decoding: collapse runs of identical mask / null registers (exact; see flextok_core/decoder.py).
+        fast_decoding: collapse runs of identical mask / null registers (exact; see flextok_core/registers.py).
         callback_on_step_end(pipe, step, timestep, tensors): called after every step with the tensors named in
             ``callback_on_step_end_tensor_inputs`` (``latents`` after the step, ``velocity`` (guided),
             ``velocity_cond``, ``velocity_uncond``); a returned ``{"latents": ...}`` replaces the latents.
@@ -489,45 +556,14 @@ class FlexTokPipeline(DiffusionPipeline):
         ids, keep_k = self._tokens_to_batch(tokens)
         ids = ids.repeat_interleave(num_images_per_prompt, dim=0)
         keep_k = keep_k.repeat_interleave(num_images_per_prompt, dim=0)
-        b = ids.shape[0]
-        x = self.prepare_latents(b, height, width, torch.float32, device, generator, latents)
-
-        self.scheduler.set_timesteps(sigmas=flextok_sigmas(num_inference_steps), device=device)
-        scales = self._guidance_scales(guidance_scale, guidance_schedule, self.scheduler.sigmas[:-1].tolist())
-        guided = any(s != 1.0 for s in scales)
-        chunk = decode_batch_size or b
-        chunks = [slice(i, min(i + chunk, b)) for i in range(0, b, chunk)]
-        # Register sequences do not change over the steps: build them once per chunk.
-        registers = [self.flextok.prepare_registers(ids[c], keep_k[c], guidance=guided, fast=fast_decoding)
-                     for c in chunks]
-        momentum = [MomentumBuffer(apg_momentum) for _ in chunks]
-        model_dtype = self.flextok.dtype
-        # timestep conditioning of every step at once (it depends on t alone); computed where the weights are
-        # now (offload hooks move them only on forward), then moved to the execution device
-        sigmas = self.scheduler.sigmas[:-1].to(self.flextok.device)
-        modulations = [m.to(device) for m in self.flextok.timestep_modulation(sigmas)]
+        x = self.prepare_latents(ids.shape[0], height, width, torch.float32, device, generator, latents)
+        run = self._prepare_decoding(ids, keep_k, num_inference_steps, guidance_scale, guidance_schedule, use_apg,
+                                     apg_momentum, apg_norm_threshold, apg_eta, fast_decoding, decode_batch_size,
+                                     device)
 
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, step_t in enumerate(self.scheduler.timesteps):
-                scale = scales[i]
-                t = self.scheduler.sigmas[i].to(device)
-                velocity, v_cond, v_uncond = torch.empty_like(x), torch.empty_like(x), None
-                if guided:
-                    v_uncond = torch.empty_like(x)
-                for j, c in enumerate(chunks):
-                    regs = registers[j]
-                    if scale == 1.0 and regs.guided:  # this step needs no unconditional pass
-                        regs = regs.conditional()
-                    v = self.flextok(x[c].to(model_dtype), t.expand(x[c].shape[0]), regs,
-                                     modulation=[m[i : i + 1] for m in modulations]).float()
-                    if not regs.guided:
-                        v_cond[c] = velocity[c] = v
-                        if v_uncond is not None:
-                            v_uncond[c] = float("nan")  # not computed at this step
-                        continue
-                    v_cond[c], v_uncond[c] = v.chunk(2)
-                    velocity[c] = (apg_velocity(v_cond[c], v_uncond[c], scale, momentum[j], apg_norm_threshold,
-                                                apg_eta) if use_apg else cfg_velocity(v_cond[c], v_uncond[c], scale))
+                velocity, v_cond, v_uncond = self._step_velocity(run, i, x)
                 x = self.scheduler.step(velocity, step_t, x, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     local = dict(latents=x, velocity=velocity, velocity_cond=v_cond, velocity_uncond=v_uncond)
@@ -535,11 +571,7 @@ class FlexTokPipeline(DiffusionPipeline):
                     x = (out or {}).get("latents", x)
                 progress.update()
 
-        if output_type == "latent":
-            image = x
-        else:
-            image = torch.cat([vae_decode(self.vae, x[c]).float() for c in chunks])
-            image = self.image_processor.postprocess(image, output_type=output_type)
+        image = self._latents_to_images(x, run.chunks, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)

@@ -1,5 +1,7 @@
 """Steps 2-5 of ``scripts/comfyui_demo.sh`` (which installs ComfyUI first and then runs this file with ComfyUI's
-own python). Standard library only; flextok_kit itself is not imported (ComfyUI imports the pack by path).
+own python). Standard library only: of flextok_kit it uses only ``flextok_kit.comfyui_client`` (the ComfyUI client the
+node tests use too, standard library only), imported from the installed package or, under ComfyUI's python, where
+flextok_kit is not installed (ComfyUI imports the pack by path), loaded from this checkout's comfyui_client.py.
 
     python scripts/comfyui_demo.py [--check] [extra ComfyUI arguments ...]
 
@@ -20,6 +22,7 @@ it queues each example workflow whose demo model is installed (reconstruct, then
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import socket
@@ -28,8 +31,29 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from comfyui_harness import ComfyServer, Run, retarget_workflow, ui_to_api
+
+
+def _comfyui_client():
+    """``flextok_kit.comfyui_client`` of this checkout: imported when flextok_kit is installed from it (the project's
+    venv), else loaded from its file (ComfyUI's own python, which runs this script from scripts/comfyui_demo.sh and
+    does not install flextok_kit)."""
+    path = ROOT / "comfyui_client.py"
+    try:
+        from flextok_kit import comfyui_client
+        if Path(comfyui_client.__file__).resolve() == path:
+            return comfyui_client
+    except ImportError:
+        pass
+    spec = importlib.util.spec_from_file_location("flextok_kit_comfyui_client", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+_client = _comfyui_client()
+ComfyServer, Run = _client.ComfyServer, _client.Run
+retarget_workflow, ui_to_api = _client.retarget_workflow, _client.ui_to_api
 
 PACK = "flextok_nodes"                     # custom_nodes/<PACK>, the name the tests use
 DEMO_MODELS = ROOT / "demo_models"

@@ -5,9 +5,8 @@ import os
 import pytest
 import torch
 
-from flextok_kit.flextok_core.ar import (
-    AR_PRESETS, FlexTokAR, KVCache, apply_rotary, guidance_scales, rotary_tables, sample_logits,
-)
+from flextok_kit.flextok_core.ar import AR_PRESETS, FlexTokAR, KVCache, apply_rotary, rotary_tables, sample_logits
+from flextok_kit.flextok_core.guidance import guidance_scales
 
 VOCAB = 1024  # small vocabulary keeps the tests fast; test_cached_equals_uncached_long also uses 64000
 LABELS = {0: "tench", 1: "goldfish", 2: "great white shark", 3: "tiger shark"}

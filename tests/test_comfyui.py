@@ -26,10 +26,10 @@ import PIL.Image
 import pytest
 import torch
 
-from .comfyui_harness import ComfyServer, free_port, retarget_workflow, ui_to_api, write_safetensors
 from .conftest import GOLDEN, ROOT
 
 from flextok_kit import flextok_core, token_files
+from flextok_kit.comfyui_client import ComfyServer, free_port, retarget_workflow, ui_to_api, write_safetensors
 from flextok_kit.nodes import core  # plain Python, no ComfyUI
 from flextok_kit.pipelines import FlexTokPipeline
 
@@ -147,7 +147,7 @@ def queue_invalid(srv, prompt) -> list[dict]:
     return [dict(e, node=nid) for nid, ne in body["node_errors"].items() for e in ne["errors"]]
 
 
-def encode_graph(model="flextok_tiny", fit="center_crop", image="example.png"):
+def encode_graph(model="flextok_tiny", fit="center-crop", image="example.png"):
     return {
         "img": {"class_type": "LoadImage", "inputs": {"image": image}},
         "m": {"class_type": "FlexTokLoad", "inputs": {"model_name": model, "device": "default", "dtype": "auto"}},
@@ -204,14 +204,22 @@ def test_core_k_lists_and_tokens(tmp_path):
 
 def test_core_fit_images():
     img = torch.rand(2, 96, 160, 3)
-    assert core.fit_images(img, (128, 128), "center_crop").shape == (2, 3, 128, 128)
-    assert core.fit_images(img, (128, 128), "stretch").shape == (2, 3, 128, 128)
-    same = core.fit_images(img[:, :, 16:112], (96, 96), "center_crop")  # exact size: untouched
+    assert core.FIT_MODES == ("center-crop", "resize", "none")  # the one vocabulary (images.FITS)
+    crop = core.fit_images(img, (128, 128), "center-crop")
+    assert crop.shape == (2, 3, 128, 128)
+    squashed = core.fit_images(img, (128, 128), "resize")
+    assert squashed.shape == (2, 3, 128, 128) and not torch.equal(crop, squashed)
+    # workflows saved before the rename hold center_crop / stretch: the same fits
+    assert torch.equal(core.fit_images(img, (128, 128), "center_crop"), crop)
+    assert torch.equal(core.fit_images(img, (128, 128), "stretch"), squashed)
+    same = core.fit_images(img[:, :, 16:112], (96, 96), "center-crop")  # exact size: untouched
     assert torch.equal(same, img[:, :, 16:112].movedim(-1, 1))
+    with pytest.raises(ValueError, match="fit must be one of center-crop, resize, none, got 'squash'"):
+        core.fit_images(img, (128, 128), "squash")
 
     def check(h, w):
         raise ValueError(f"image size {h}x{w} is not supported")
-    with pytest.raises(ValueError, match="96x160 is not supported.*center_crop"):
+    with pytest.raises(ValueError, match="96x160 is not supported.*'center-crop' or 'resize'"):
         core.fit_images(img, (128, 128), "none", check=check)
 
 
@@ -298,7 +306,8 @@ def test_object_info_inputs(info):
     assert models == ["flextok_tiny", "flextok_tiny_diffusers", "other/flextok_other"]  # folders, never vae/
     assert _inputs(info, "FlexTokEncode") == {"flextok_model": "FLEXTOK_MODEL", "image": "IMAGE", "fit": "COMBO",
                                                "posterior_seed": "INT"}
-    assert info["FlexTokEncode"]["input"]["required"]["fit"][1]["options"] == ["center_crop", "stretch", "none"]
+    fit = info["FlexTokEncode"]["input"]["required"]["fit"][1]
+    assert fit["options"] == ["center-crop", "resize", "none"] and fit["default"] == "center-crop"
     assert _inputs(info, "FlexTokTruncate") == {"tokens": "FLEXTOK_TOKENS", "k": "INT"}
     assert info["FlexTokTruncate"]["input"]["required"]["k"][1]["min"] == 1
     sampling = {"steps": "INT", "guidance_scale": "FLOAT", "use_apg": "BOOLEAN", "seed": "INT"}
@@ -359,7 +368,7 @@ def test_reconstruct_example(srv, info, base, golden_pipe):
     assert tokens.model_id == core.model_identity(golden_pipe) and tokens.model_name == "flextok_tiny"
 
     # the nodes compute what the pipeline computes: same tokens, same image
-    x = core.fit_images(load_image01(base / "input" / "example.png")[None], (128, 128), "center_crop")
+    x = core.fit_images(load_image01(base / "input" / "example.png")[None], (128, 128), "center-crop")
     ref_ids = golden_pipe.tokenize(x * 2 - 1, generator=torch.Generator().manual_seed(0))
     assert tokens.ids.tolist() == ref_ids[:, :k_trunc].tolist()
     ref = golden_pipe.detokenize(ref_ids[:, :k_trunc], num_inference_steps=steps,
@@ -444,6 +453,19 @@ def test_cli_and_nodes_read_each_others_token_files(srv, base, golden_pipe, tmp_
     assert [p.name for p in pngs] == [f"{path.stem}_{i:05d}.png" for i in range(2)]
     for png, expected in zip(pngs, ref[1:]):
         assert (load_image01(png) - expected).abs().max() < 3 / 255
+
+
+def test_encode_accepts_old_fit_names(srv, base, golden_pipe):
+    """Workflows saved before the one fit vocabulary hold center_crop / stretch: /prompt takes them and Encode fits as
+    center-crop / resize do."""
+    image = load_image01(base / "input" / "example.png")[None]
+    for old, new in (("center_crop", "center-crop"), ("stretch", "resize")):
+        prompt = {**encode_graph(fit=old), "s": {"class_type": "FlexTokSaveTokens", "inputs": {
+            "tokens": ["enc", 0], "filename_prefix": f"old_fit_{old}"}}}
+        saved = run_ok(srv, prompt).outputs["s"]["flextok_tokens"][0]
+        ids = core.load_tokens(str(Path(base, "output", saved["subfolder"], saved["filename"]))).ids
+        x = core.fit_images(image, (128, 128), new)
+        assert ids.tolist() == golden_pipe.tokenize(x * 2 - 1, generator=torch.Generator().manual_seed(0)).tolist()
 
 
 def test_same_weights_in_diffusers_format_decode_the_tokens(srv):

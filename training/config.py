@@ -18,6 +18,29 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
+# The schema every training script shares; each merges its own sections over it (:func:`merged_defaults`).
+COMMON_DEFAULTS = {
+    "output_dir": "runs/unnamed",
+    "seed": 0,
+    "mixed_precision": None,          # no | bf16 | fp16 | null (= accelerate launch config / env)
+    "gradient_accumulation_steps": 1,
+    "max_steps": 1000,                # optimizer steps
+    "epochs": None,                   # if set, max_steps = epochs * steps per epoch (map-style data only)
+    "log_every": 10,
+    "eval_every": 0,                  # loss on a fixed batch every N steps (0: only at start and end)
+    "eval_batch_size": 8,
+    "checkpoint_every": 500,
+    "keep_last": 3,
+    "resume": "auto",                 # auto (latest checkpoint in output_dir/checkpoints) | none | a checkpoint path
+    "tracker": "none",                # none | auto (tensorboard if installed) | tensorboard | wandb | ... | a list
+    "tracker_kwargs": {},             # init_kwargs for accelerator.init_trackers (free-form)
+    "project_name": "flextok",
+    "progress_bar": True,
+    "find_unused_parameters": False,
+    "allow_tf32": True,
+    "debug": {"step_sleep": 0.0, "stop_after_steps": None, "rank_checksums": False},
+}
+
 
 class Config(dict):
     """A dict with attribute access for nested keys (``cfg.optim.lr``)."""
@@ -97,6 +120,14 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+def merged_defaults(*sections: dict) -> dict:
+    """:data:`COMMON_DEFAULTS` with a script's own sections merged over it: that script's ``DEFAULTS``."""
+    out = dict(COMMON_DEFAULTS)
+    for s in sections:
+        out = merge(out, s)
+    return out
+
+
 def _check_schema(data: dict, schema: dict, where: str = "") -> None:
     for k, v in data.items():
         name = f"{where}{k}"
@@ -159,9 +190,10 @@ def flatten(cfg: dict, prefix: str = "") -> dict:
 
 
 def save_config(cfg: dict, path: str | os.PathLike) -> None:
-    from .utils import atomic_write_text
+    from ..flextok_core.fileio import atomic_write
 
-    atomic_write_text(path, yaml.safe_dump(_plain(cfg), sort_keys=False))
+    text = yaml.safe_dump(_plain(cfg), sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def parse_cli(argv=None, description: str = "") -> tuple[str | None, list[str]]:
@@ -191,3 +223,9 @@ def parse_cli(argv=None, description: str = "") -> tuple[str | None, list[str]]:
             raise SystemExit(f"argument {tok!r} is neither --config FILE nor key.sub=value")
         i += 1
     return config, overrides
+
+
+def config_from_argv(argv, defaults: dict, description: str = "") -> Config:
+    """A script's config from its command line (``--config FILE key=value ...``; ``argv=None``: ``sys.argv``)."""
+    path, overrides = parse_cli(argv, description)
+    return load_config(path, overrides, defaults)

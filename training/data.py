@@ -30,9 +30,11 @@ import torch
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, Sampler
 
+from ..images import IMAGE_SUFFIXES, center_box, images_under, to_rgb8
+
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGE_EXTS = IMAGE_SUFFIXES  # the one list of image suffixes (images.py)
 CAPTION_EXTS = ("txt", "caption", "text")
 LABEL_EXTS = ("cls", "label", "cls.txt")
 
@@ -81,12 +83,6 @@ def sample_rrc_box(width: int, height: int, rng: np.random.Generator, scale=(0.4
     return x0, y0, x0 + w, y0 + h
 
 
-def center_box(width: int, height: int):
-    s = min(width, height)
-    x0, y0 = (width - s) // 2, (height - s) // 2
-    return x0, y0, x0 + s, y0 + s
-
-
 class ImageTransform:
     """Opened PIL image -> uint8 tensor ``[3, size, size]``.
 
@@ -112,8 +108,9 @@ class ImageTransform:
         width, height = img.size
         if self.crop == "random_resized":
             box = sample_rrc_box(width, height, rng, self.scale, self.ratio)
-        elif self.crop == "center":
-            box = center_box(width, height)
+        elif self.crop == "center":  # the largest centred square (images.center_box), resampled to size
+            side = min(width, height)
+            box = center_box(width, height, side, side)
         else:
             box = (0, 0, width, height)
         flip = self.hflip > 0 and rng.random() < self.hflip
@@ -125,23 +122,12 @@ class ImageTransform:
             img.draft("RGB", (max(1, width // reduce), max(1, height // reduce)))
             sx, sy = img.size[0] / width, img.size[1] / height
             box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        img = _to_rgb(img)
+        img = img if img.mode == "RGB" else to_rgb8(img)  # the front ends' RGB conversion (images.to_rgb8)
         out = img.resize((self.size, self.size), resample=Image.BICUBIC, box=box)
         if flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
         arr = np.asarray(out, dtype=np.uint8)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGB", rgba.size, (255, 255, 255))
-        bg.paste(rgba, mask=rgba.getchannel("A"))
-        return bg
-    return img.convert("RGB")
 
 
 def build_transform(cfg) -> ImageTransform:
@@ -175,7 +161,7 @@ class ImageFolderSource:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {root!r} does not exist")
-        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
+        files = images_under(self.root, extensions)
         if not files:
             raise ValueError(f"no images ({', '.join(sorted(extensions))}) found below {root!r}")
         self.files = [str(p.relative_to(self.root)) for p in files]

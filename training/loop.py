@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -32,86 +33,46 @@ def training_loop(
     fixed batch (logged with an ``eval/`` prefix at the start, every ``eval_every`` steps and at the end).
     """
     log = MetricsLog(accelerator, cfg.output_dir)
-    ckpt.clean_partial()
-    state = LoopState()
-    resume_path = ckpt.resolve_resume(cfg.get("resume", "auto"))
-    if resume_path is not None:
-        state = ckpt.load(resume_path)
-    max_steps = resolve_max_steps(cfg, loader)
-    stop_after = (cfg.get("debug") or {}).get("stop_after_steps")
-    log_every = max(1, int(cfg.log_every))
-    eval_every = int(cfg.get("eval_every") or 0)
-    ckpt_every = int(cfg.get("checkpoint_every") or 0)
-    emas = list(emas)
-
-    def run_eval():
-        if evaluate is None:
-            return
-        metrics = evaluate()
-        if metrics:
-            log.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
-
+    state, resumed = resume(ckpt, cfg)
+    every = Schedule.from_config(cfg, loader)
     if state.step == 0:
-        run_eval()
-    sums: dict = defaultdict(float)
-    count = 0
-    pending_samples = pending_skipped = 0
-    last_saved = state.step if resume_path is not None else -1
-    t_last, samples_last = time.time(), state.samples
-    bar = progress_bar(accelerator, cfg, max_steps, state.step)
-
-    def sync_counters():
-        nonlocal pending_samples, pending_skipped
-        state.samples += int(reduce_sum(accelerator, pending_samples))
-        state.skipped_images += int(reduce_sum(accelerator, pending_skipped))
-        pending_samples = pending_skipped = 0
-
-    if state.step < max_steps:
+        log_eval(log, evaluate, state)
+    tally = Tally(accelerator, state)
+    last_saved = state.step if resumed else -1
+    bar = progress_bar(accelerator, cfg, every.max_steps, state.step)
+    emas = list(emas)
+    if state.step < every.max_steps:
         for batch in batches(accelerator, loader, state):
-            pending_samples += batch_size_of(batch)
-            if "skipped" in batch:
-                pending_skipped += int(batch["skipped"].sum())
-            if isinstance(batch.get("dropped"), int):
-                pending_skipped += batch["dropped"]
-            out = train_step(batch, state)
-            for k, v in (out or {}).items():
-                sums[k] += float(v.detach().float()) if torch.is_tensor(v) else float(v)
-            count += 1
+            tally.add_batch(batch, batch_size_of(batch))
+            tally.add_outputs(train_step(batch, state))
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
             for ema, params_fn in emas:
                 ema.update(params_fn())
             bar.update(1)
-            if state.step % log_every == 0 or state.step == max_steps:
-                sync_counters()
-                now = time.time()
-                metrics = {k: v / max(1, count) for k, v in sums.items()}
-                metrics.update(epoch=state.epoch, samples=state.samples, skipped_images=state.skipped_images,
-                               samples_per_s=(state.samples - samples_last) / max(1e-9, now - t_last))
+            if every.log(state.step):
+                metrics = tally.flush(state)
                 log.log(metrics, step=state.step)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr")})
-                sums.clear()
-                count = 0
-                t_last, samples_last = now, state.samples
-            if eval_every and state.step % eval_every == 0 and state.step != max_steps:
-                run_eval()
-            if (ckpt_every and state.step % ckpt_every == 0) or state.step == max_steps:
-                sync_counters()
+            if every.evaluate(state.step):
+                log_eval(log, evaluate, state)
+            if every.checkpoint(state.step):
+                tally.sync_counters(state)
                 ckpt.save(state)
                 last_saved = state.step
             maybe_sleep(cfg)
-            if state.step >= max_steps or (stop_after and state.step >= int(stop_after)):
+            if every.stop(state.step):
                 break
     bar.close()
-    if stop_after and state.step < max_steps:
-        logger.info("debug.stop_after_steps=%s reached: stopping without export", stop_after)
+    if every.stopped_early(state.step):
+        logger.info("debug.stop_after_steps=%s reached: stopping without export", every.stop_after)
         accelerator.end_training()
         return state
     if last_saved != state.step:
-        sync_counters()
+        tally.sync_counters(state)
         ckpt.save(state)
-    run_eval()
+    log_eval(log, evaluate, state)
     if (cfg.get("debug") or {}).get("rank_checksums"):
         write_rank_checksums(accelerator, cfg.output_dir, modules, state)
     if export is not None:
@@ -119,6 +80,98 @@ def training_loop(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return state
+
+
+def resume(ckpt: CheckpointManager, cfg) -> tuple[LoopState, bool]:
+    """Clean up a killed save, then the loop state of the checkpoint ``cfg.resume`` names (its models, optimizers,
+    RNG and extra state loaded), or a fresh one. -> (state, resumed)."""
+    ckpt.clean_partial()
+    resume_path = ckpt.resolve_resume(cfg.get("resume", "auto"))
+    if resume_path is None:
+        return LoopState(), False
+    return ckpt.load(resume_path), True
+
+
+@dataclass
+class Schedule:
+    """When the loop logs, evaluates, checkpoints and stops (``step``: optimizer steps taken)."""
+
+    max_steps: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    stop_after: int | None              # debug.stop_after_steps: stop there without the final export
+
+    @classmethod
+    def from_config(cls, cfg, loader) -> "Schedule":
+        return cls(max_steps=resolve_max_steps(cfg, loader), log_every=max(1, int(cfg.log_every)),
+                   eval_every=int(cfg.get("eval_every") or 0), checkpoint_every=int(cfg.get("checkpoint_every") or 0),
+                   stop_after=(cfg.get("debug") or {}).get("stop_after_steps"))
+
+    def log(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.max_steps
+
+    def evaluate(self, step: int) -> bool:  # the final evaluation runs after the loop
+        return bool(self.eval_every) and step % self.eval_every == 0 and step != self.max_steps
+
+    def checkpoint(self, step: int) -> bool:
+        return bool(self.checkpoint_every and step % self.checkpoint_every == 0) or step == self.max_steps
+
+    def stop(self, step: int) -> bool:
+        return step >= self.max_steps or bool(self.stop_after and step >= int(self.stop_after))
+
+    def stopped_early(self, step: int) -> bool:
+        return bool(self.stop_after) and step < self.max_steps
+
+
+class Tally:
+    """What the loop accumulates between two logs: the sums of ``train_step``'s outputs over micro-batches, and the
+    samples and skipped images seen by this process that are not yet added (over all processes) to the state."""
+
+    def __init__(self, accelerator, state: LoopState):
+        self.accelerator = accelerator
+        self.sums: dict = defaultdict(float)
+        self.count = 0
+        self.pending_samples = self.pending_skipped = 0
+        self.t_last, self.samples_last = time.time(), state.samples
+
+    def add_batch(self, batch: dict, batch_size: int) -> None:
+        self.pending_samples += batch_size
+        if "skipped" in batch:
+            self.pending_skipped += int(batch["skipped"].sum())
+        if isinstance(batch.get("dropped"), int):
+            self.pending_skipped += batch["dropped"]
+
+    def add_outputs(self, out: dict | None) -> None:
+        for k, v in (out or {}).items():
+            self.sums[k] += float(v.detach().float()) if torch.is_tensor(v) else float(v)
+        self.count += 1
+
+    def sync_counters(self, state: LoopState) -> None:
+        """Add the pending counts of every process to ``state`` (a collective: every rank calls it)."""
+        state.samples += int(reduce_sum(self.accelerator, self.pending_samples))
+        state.skipped_images += int(reduce_sum(self.accelerator, self.pending_skipped))
+        self.pending_samples = self.pending_skipped = 0
+
+    def flush(self, state: LoopState) -> dict:
+        """The metrics to log now (means since the last log, counters, throughput); starts the next interval."""
+        self.sync_counters(state)
+        now = time.time()
+        metrics = {k: v / max(1, self.count) for k, v in self.sums.items()}
+        metrics.update(epoch=state.epoch, samples=state.samples, skipped_images=state.skipped_images,
+                       samples_per_s=(state.samples - self.samples_last) / max(1e-9, now - self.t_last))
+        self.sums.clear()
+        self.count = 0
+        self.t_last, self.samples_last = now, state.samples
+        return metrics
+
+
+def log_eval(log: MetricsLog, evaluate: Callable[[], dict] | None, state: LoopState) -> None:
+    if evaluate is None:
+        return
+    metrics = evaluate()
+    if metrics:
+        log.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
 
 
 def state_checksum(module: torch.nn.Module) -> str:

@@ -1,7 +1,6 @@
 """Building, initialising and loading the models the training scripts need."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -107,39 +106,3 @@ def save_pretrained_atomic(obj, out_dir, **kwargs) -> None:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     obj.save_pretrained(str(tmp), **kwargs)
     replace_dir(tmp, out)
-
-
-def write_json(path, data) -> None:
-    from .utils import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data, indent=1, default=str))
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of images in [-1, 1] (per sample)."""
-    mse = ((x.float().clamp(-1, 1) - y.float().clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> torch.Tensor:
-    """Mean SSIM (uniform window, per-channel, on [0,1] images) per sample: a dependency-free approximation of
-    skimage's ``structural_similarity`` with ``gaussian_weights=False``."""
-    import torch.nn.functional as F
-
-    x = (x.float().clamp(-1, 1) + 1) / 2
-    y = (y.float().clamp(-1, 1) + 1) / 2
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    k = torch.ones(x.shape[1], 1, window, window, device=x.device) / window ** 2
-    mu_x = F.conv2d(x, k, groups=x.shape[1])
-    mu_y = F.conv2d(y, k, groups=x.shape[1])
-    sxx = F.conv2d(x * x, k, groups=x.shape[1]) - mu_x ** 2
-    syy = F.conv2d(y * y, k, groups=x.shape[1]) - mu_y ** 2
-    sxy = F.conv2d(x * y, k, groups=x.shape[1]) - mu_x * mu_y
-    n = window ** 2
-    sxx, syy, sxy = sxx * n / (n - 1), syy * n / (n - 1), sxy * n / (n - 1)
-    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
-    return s.flatten(1).mean(1)
-
-
-def log2_int(n: int) -> int:
-    return int(round(math.log2(n)))

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .config import load_config, parse_cli
+from .config import config_from_argv
 from .data import DATA_DEFAULTS, build_dataset, is_streaming, keyed_loader, to_float
 from .shards import fingerprint, run_sharded
 
@@ -46,13 +48,80 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TOKEN_DTYPES = {"int32": torch.int32, "uint16": torch.uint16, "int64": torch.int64}
 
 
+@dataclass
+class ShardTokenizer:
+    """``process(start, end) -> (tensors, metadata)`` for :func:`run_sharded`: the first ``num_tokens`` ids of the
+    item views ``start..end-1`` (item ``j`` is view ``j % views`` of image ``j // views``); the posterior noise is
+    seeded by ``(seed, start)``, so a shard's content does not depend on which process writes it, or when."""
+
+    accelerator: Any
+    pipe: Any
+    images: Any
+    num_tokens: int
+    views: int
+    seed: int
+    batch_size: int
+    num_workers: int
+    dtype: torch.dtype                # the models' dtype
+    token_dtype: torch.dtype          # the stored ids' dtype
+    sample_posterior: bool | None
+
+    def __call__(self, start: int, end: int) -> tuple[dict, dict]:
+        device, k = self.accelerator.device, self.num_tokens
+        keys = [(j // self.views, j % self.views) for j in range(start, end)]
+        g = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + start)
+        toks, labels, index, view, captions, sources = [], [], [], [], [], []
+        for b in keyed_loader(self.images, keys, self.batch_size, self.num_workers):
+            if len(b["index"]) == 0:
+                continue
+            x = to_float(b["pixels"].to(device), self.dtype)
+            with self.accelerator.autocast():
+                ids = self.pipe.tokenize(x, num_tokens=k, generator=g, sample_posterior=self.sample_posterior)
+            toks.append(ids.cpu().to(torch.int64))
+            labels.append(b["label"])
+            index.append(b["index"])
+            view.append(b["view"])
+            captions += b["caption"]
+            sources += b["source"]
+        n = sum(len(t) for t in toks)
+        tokens = torch.cat(toks) if toks else torch.zeros(0, k, dtype=torch.int64)
+        tensors = {
+            "tokens": tokens.to(self.token_dtype),
+            "label": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+            "index": torch.cat(index) if index else torch.zeros(0, dtype=torch.long),
+            "view": torch.cat(view) if view else torch.zeros(0, dtype=torch.long),
+        }
+        return tensors, {"count": str(n), "captions": json.dumps(captions), "sources": json.dumps(sources)}
+
+
 def main(argv=None, cfg=None) -> dict:
     if cfg is None:
-        path, overrides = parse_cli(argv, __doc__)
-        cfg = load_config(path, overrides, DEFAULTS)
-    from accelerate import Accelerator
+        cfg = config_from_argv(argv, DEFAULTS, __doc__)
+    accelerator = make_accelerator(cfg)
+    if not cfg.pipeline:
+        raise ValueError("pipeline=... is required (train_tokenizer's export folder or a hub id)")
+    if not cfg.data.path:
+        raise ValueError("data.path is required")
+    pipe = load_pipeline(cfg, accelerator.device)
+    k, token_dtype = token_format(cfg, pipe)
+    images = build_dataset(cfg.data, seed=int(cfg.seed))
+    if is_streaming(images):
+        raise ValueError("tokenize_dataset needs map-style data (folder, tar, or a non-streaming hf dataset)")
+    views = int(cfg.views)
+    settings, fp = shard_settings(cfg, pipe, images, k)
+    process = ShardTokenizer(accelerator, pipe, images, k, views, int(cfg.seed), int(cfg.batch_size),
+                             int(cfg.data.num_workers), DTYPES[cfg.dtype], token_dtype, cfg.sample_posterior)
+    result = run_sharded(accelerator, cfg.output_dir, len(images) * views, int(cfg.shard_size), fp, process,
+                         settings, desc="tokenize", progress=bool(cfg.progress_bar))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        logger.info("tokens of %d images x %d view(s) in %s", len(images), views, Path(cfg.output_dir))
+    return result
 
-    from ..pipelines import FlexTokPipeline
+
+def make_accelerator(cfg):
+    """A plain Accelerator (no trackers, no checkpoints: the shards are the state), gloo on a CPU-only launch."""
+    from accelerate import Accelerator
 
     from .utils import launched_without_accelerator_device
 
@@ -60,17 +129,25 @@ def main(argv=None, cfg=None) -> dict:
                               else None, cpu=launched_without_accelerator_device())
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING, force=True)
-    if not cfg.pipeline:
-        raise ValueError("pipeline=... is required (train_tokenizer's export folder or a hub id)")
-    if not cfg.data.path:
-        raise ValueError("data.path is required")
+    return accelerator
+
+
+def load_pipeline(cfg, device):
+    """The tokenizer pipeline ``pipeline`` (``official``: the release format) in ``dtype``, on ``device``."""
+    from ..pipelines import FlexTokPipeline
+
     dtype = DTYPES[cfg.dtype]
     if cfg.official:
         pipe = FlexTokPipeline.from_official(cfg.pipeline, torch_dtype=dtype)
     else:
         pipe = FlexTokPipeline.from_pretrained(cfg.pipeline, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(accelerator.device)
+    pipe.to(device)
+    return pipe
+
+
+def token_format(cfg, pipe) -> tuple[int, torch.dtype]:
+    """-> (tokens per item view: ``num_tokens`` or all registers, the ids' storage dtype), checked."""
     n_reg = pipe.num_registers
     k = int(cfg.num_tokens or n_reg)
     if not 1 <= k <= n_reg:
@@ -81,55 +158,22 @@ def main(argv=None, cfg=None) -> dict:
         raise ValueError(f"token_dtype must be one of {sorted(TOKEN_DTYPES)}, got {cfg.token_dtype!r}")
     if tok_dtype == torch.uint16 and vocab > 65536:
         raise ValueError(f"vocabulary of {vocab} ids does not fit uint16")
+    return k, tok_dtype
 
-    images = build_dataset(cfg.data, seed=int(cfg.seed))
-    if is_streaming(images):
-        raise ValueError("tokenize_dataset needs map-style data (folder, tar, or a non-streaming hf dataset)")
-    views = int(cfg.views)
+
+def shard_settings(cfg, pipe, images, k: int) -> tuple[dict, str]:
+    """-> (the settings stored in ``index.json``, the fingerprint of those that determine the shards' content)."""
     data_keys = ("type", "path", "split", "hf_name", "resolution", "crop", "crop_scale", "crop_ratio", "hflip",
                  "max_items", "class_from_folder", "image_column", "label_column", "caption_column")
     settings = {
         "pipeline": str(cfg.pipeline), "flextok_config": dict(pipe.flextok.config), "num_tokens": k,
-        "views": views, "seed": int(cfg.seed), "data": {key: cfg.data.get(key) for key in data_keys},
+        "views": int(cfg.views), "seed": int(cfg.seed), "data": {key: cfg.data.get(key) for key in data_keys},
         "token_dtype": cfg.token_dtype, "sample_posterior": cfg.sample_posterior, "n_images": len(images),
         "dtype": cfg.dtype,
     }
     fp = fingerprint(settings)
-    settings.update(classes=list(images.classes), num_classes=images.num_classes, vocab_size=vocab)
-    device = accelerator.device
-
-    def process(start: int, end: int):
-        keys = [(j // views, j % views) for j in range(start, end)]
-        g = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1_000_003 + start)
-        toks, labels, index, view, captions, sources = [], [], [], [], [], []
-        for b in keyed_loader(images, keys, int(cfg.batch_size), int(cfg.data.num_workers)):
-            if len(b["index"]) == 0:
-                continue
-            x = to_float(b["pixels"].to(device), dtype)
-            with accelerator.autocast():
-                ids = pipe.tokenize(x, num_tokens=k, generator=g, sample_posterior=cfg.sample_posterior)
-            toks.append(ids.cpu().to(torch.int64))
-            labels.append(b["label"])
-            index.append(b["index"])
-            view.append(b["view"])
-            captions += b["caption"]
-            sources += b["source"]
-        n = sum(len(t) for t in toks)
-        tokens = torch.cat(toks) if toks else torch.zeros(0, k, dtype=torch.int64)
-        tensors = {
-            "tokens": tokens.to(tok_dtype),
-            "label": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
-            "index": torch.cat(index) if index else torch.zeros(0, dtype=torch.long),
-            "view": torch.cat(view) if view else torch.zeros(0, dtype=torch.long),
-        }
-        return tensors, {"count": str(n), "captions": json.dumps(captions), "sources": json.dumps(sources)}
-
-    result = run_sharded(accelerator, cfg.output_dir, len(images) * views, int(cfg.shard_size), fp, process,
-                         settings, desc="tokenize", progress=bool(cfg.progress_bar))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        logger.info("tokens of %d images x %d view(s) in %s", len(images), views, Path(cfg.output_dir))
-    return result
+    settings.update(classes=list(images.classes), num_classes=images.num_classes, vocab_size=pipe.flextok.vocab_size)
+    return settings, fp
 
 
 def load_tokens(folder) -> dict:

@@ -13,6 +13,8 @@ is also written to ``export.pipeline_dir`` (default ``output_dir/export_pipeline
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +22,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import load_config, parse_cli
+from .config import config_from_argv
 from .data import fixed_batch, make_loader
 from .loop import training_loop
 from .models import count_params, save_pretrained_atomic
-from .utils import (CheckpointManager, build_ema, ema_checkpoint_slots, gathered_state_dict, build_accelerator,
-                    build_adamw, init_run, logger, merged_defaults, optimizer_update, resolve_max_steps)
+from .utils import (CheckpointManager, LoopState, TrainRun, build_adamw, build_ema, ema_checkpoint_slots, logger,
+                    merged_defaults, optimizer_update, resolve_max_steps, start_run)
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/ar",
@@ -145,7 +147,7 @@ def build_text_encoder(tc):
         if not tc.path:
             raise ValueError("condition=caption needs text.path (a transformers encoder folder or hub id)")
         return HFTextEncoder(tc.path, int(tc.max_length), DTYPES[tc.dtype])
-    from .losses import import_object
+    from ..metrics import import_object
 
     enc = import_object(tc.encoder)(**dict(tc.kwargs or {}))
     if not hasattr(enc, "feature_dim"):
@@ -174,19 +176,25 @@ def build_ar(cfg, dataset, text_dim: int):
     return FlexTokAR.from_preset(preset, **mk) if preset else FlexTokAR(**mk)
 
 
+@dataclass(kw_only=True)
+class ARRun(TrainRun):
+    """What train_ar's step, evaluation and export share: :class:`TrainRun` (``raw`` is the unwrapped
+    :class:`ARTrainModule`) plus the frozen text encoder (None when class-conditional)."""
+
+    text: nn.Module | None
+
+
 def main(argv=None, cfg=None):
     if cfg is None:
-        path, overrides = parse_cli(argv, __doc__)
-        cfg = load_config(path, overrides, DEFAULTS)
-    from accelerate.utils import set_seed
+        cfg = config_from_argv(argv, DEFAULTS, __doc__)
+    run = build_run(cfg)
+    return training_loop(run.accelerator, cfg, run.loader, partial(train_step, run), ckpt=run.ckpt,
+                         evaluate=partial(evaluate, run), export=partial(export, run), emas=run.emas,
+                         batch_size_of=lambda b: len(b["tokens"]), modules=[run.module])
 
-    accelerator = build_accelerator(cfg)
-    init_run(accelerator, cfg, "train_ar")
-    set_seed(int(cfg.seed))
-    if not cfg.tokens:
-        raise ValueError("tokens=... is required (a tokenize_dataset output folder)")
-    device = accelerator.device
-    dataset = TokenDataset(cfg.tokens, cfg.num_tokens)
+
+def build_models(cfg, dataset: TokenDataset, device):
+    """-> (FlexTokAR for ``dataset``'s tokens and conditions, the frozen text encoder or None)."""
     text = None
     if cfg.condition == "caption":
         text = build_text_encoder(cfg.text).to(device)
@@ -199,6 +207,20 @@ def main(argv=None, cfg=None):
                          f"{ar.config.num_classes}")
     logger.info("FlexTokAR: %.2fM parameters, %d tokens, %s-conditional, %d rows", count_params(ar) / 1e6,
                 dataset.num_tokens, cfg.condition, len(dataset))
+    return ar, text
+
+
+def build_run(cfg) -> ARRun:
+    """Accelerator, token data, models, optimizer, EMA and checkpoints, in the order that fixes the random streams:
+    the global seed before the models, the per-rank seed after ``accelerator.prepare``."""
+    from accelerate.utils import set_seed
+
+    accelerator = start_run(cfg, "train_ar")
+    if not cfg.tokens:
+        raise ValueError("tokens=... is required (a tokenize_dataset output folder)")
+    device = accelerator.device
+    dataset = TokenDataset(cfg.tokens, cfg.num_tokens)
+    ar, text = build_models(cfg, dataset, device)
     module = ARTrainModule(ar.train())
     loader = make_loader(dataset, int(cfg.data.batch_size), int(cfg.seed), bool(cfg.data.shuffle),
                          int(cfg.data.num_workers), collate_fn=collate_tokens)
@@ -206,71 +228,83 @@ def main(argv=None, cfg=None):
     module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
     raw = accelerator.unwrap_model(module)
     ema, emas = build_ema(cfg.ema, raw.ar.parameters, device)
-    set_seed(int(cfg.seed), device_specific=True)
+    set_seed(int(cfg.seed), device_specific=True)  # per-rank training randomness (restored by load_state)
     ckpt = CheckpointManager(accelerator, cfg.output_dir, int(cfg.keep_last), **ema_checkpoint_slots(accelerator, ema))
-    oc = cfg.optim
     total = resolve_max_steps(cfg, loader)
-
-    def condition(batch):
-        if text is not None:
-            states, mask = text(batch["caption"])
-            return {"text_states": states, "text_mask": mask}
-        return {"class_labels": batch["label"].to(device)}
-
-    def train_step(batch, state):
-        cond = condition(batch)
-        with accelerator.accumulate(module):
-            with accelerator.autocast():
-                loss = module(batch["tokens"].to(device), **cond)
-            accelerator.backward(loss)
-            out = optimizer_update(accelerator, module, optimizer, oc, state.step, total)
-        out["loss"] = loss.detach()
-        return out
-
     fixed = fixed_batch(dataset, int(cfg.eval_batch_size), collate_fn=collate_tokens)
+    return ARRun(cfg=cfg, accelerator=accelerator, module=module, raw=raw, optimizer=optimizer, loader=loader, ema=ema,
+                 emas=emas, ckpt=ckpt, total_steps=total, fixed=fixed, text=text)
 
-    @torch.no_grad()
-    def evaluate():
-        module.eval()
-        tokens = fixed["tokens"].to(device)
-        cond = condition(fixed)
-        with accelerator.autocast():
-            loss = module(tokens, **cond)
-            null = torch.ones(len(tokens), dtype=torch.bool, device=device)
-            loss_null = module(tokens, null_condition_mask=null, **cond)
-        module.train()
-        return {"loss": float(loss), "loss_uncond": float(loss_null)}
 
-    def export(state):
-        out_dir = Path(cfg.export.dir or Path(cfg.output_dir) / "export")
-        use_ema = ema is not None and cfg.export.use_ema
-        sd = gathered_state_dict(accelerator, module, raw.ar.parameters(), ema if use_ema else None)
-        if sd is None:
-            return
-        from ..flextok_core.ar import FlexTokAR
+def condition_of(run: ARRun, batch: dict) -> dict:
+    """The model's condition keyword arguments for a batch: encoded captions or class labels."""
+    if run.text is not None:
+        states, mask = run.text(batch["caption"])
+        return {"text_states": states, "text_mask": mask}
+    return {"class_labels": batch["label"].to(run.device)}
 
-        model = FlexTokAR.from_config(raw.ar.config)
-        model.load_state_dict({k[len("ar."):]: v.detach().cpu().float() for k, v in sd.items() if k.startswith("ar.")})
-        model.eval()
-        save_pretrained_atomic(model, out_dir)
-        logger.info("exported FlexTokAR (%s weights) to %s", "EMA" if use_ema else "raw", out_dir)
-        if cfg.export.pipeline:
-            from ..pipelines import FlexTokPipeline
 
-            pipe = FlexTokPipeline.from_pretrained(cfg.export.pipeline)
-            extra = {}
-            if isinstance(text, HFTextEncoder):
-                extra = {"text_encoder": text.model.cpu(), "tokenizer": text.tokenizer}
-            full = FlexTokPipeline(vae=pipe.vae, flextok=pipe.flextok, scheduler=pipe.scheduler, ar_model=model,
-                                   **extra)
-            pdir = Path(cfg.export.pipeline_dir or Path(cfg.output_dir) / "export_pipeline")
-            save_pretrained_atomic(full, pdir)
-            if text is not None:
-                text.to(device)
-            logger.info("exported FlexTokPipeline with the AR model to %s", pdir)
+def train_step(run: ARRun, batch: dict, state: LoopState) -> dict:
+    """One micro-batch: next-token loss, backward pass and, on a sync step, the optimizer update."""
+    acc = run.accelerator
+    cond = condition_of(run, batch)
+    with acc.accumulate(run.module):
+        with acc.autocast():
+            loss = run.module(batch["tokens"].to(run.device), **cond)
+        acc.backward(loss)
+        out = optimizer_update(acc, run.module, run.optimizer, run.cfg.optim, state.step, run.total_steps)
+    out["loss"] = loss.detach()
+    return out
 
-    return training_loop(accelerator, cfg, loader, train_step, ckpt=ckpt, evaluate=evaluate, export=export,
-                         emas=emas, batch_size_of=lambda b: len(b["tokens"]), modules=[module])
+
+@torch.no_grad()
+def evaluate(run: ARRun) -> dict:
+    """Next-token loss on the fixed batch, conditional and with the null condition."""
+    run.module.eval()
+    tokens = run.fixed["tokens"].to(run.device)
+    cond = condition_of(run, run.fixed)
+    with run.accelerator.autocast():
+        loss = run.module(tokens, **cond)
+        null = torch.ones(len(tokens), dtype=torch.bool, device=run.device)
+        loss_null = run.module(tokens, null_condition_mask=null, **cond)
+    run.module.train()
+    return {"loss": float(loss), "loss_uncond": float(loss_null)}
+
+
+def export(run: ARRun, state: LoopState) -> None:
+    """``export.dir``: the FlexTokAR folder (EMA weights with ``export.use_ema``); with ``export.pipeline`` also a
+    full pipeline (:func:`export_pipeline`)."""
+    weights = run.export_weights(run.raw.ar.parameters(), "ar.")
+    if weights is None:
+        return
+    from ..flextok_core.ar import FlexTokAR
+
+    model = FlexTokAR.from_config(run.raw.ar.config)
+    model.load_state_dict(weights)
+    model.eval()
+    out_dir = run.export_dir()
+    save_pretrained_atomic(model, out_dir)
+    logger.info("exported FlexTokAR (%s weights) to %s", "EMA" if run.export_ema else "raw", out_dir)
+    if run.cfg.export.pipeline:
+        export_pipeline(run, model)
+
+
+def export_pipeline(run: ARRun, model) -> None:
+    """``export.pipeline_dir``: the tokenizer pipeline ``export.pipeline`` with the AR ``model`` (and the text
+    encoder, when it is a ``transformers`` one)."""
+    from ..pipelines import FlexTokPipeline
+
+    cfg = run.cfg
+    pipe = FlexTokPipeline.from_pretrained(cfg.export.pipeline)
+    extra = {}
+    if isinstance(run.text, HFTextEncoder):
+        extra = {"text_encoder": run.text.model.cpu(), "tokenizer": run.text.tokenizer}
+    full = FlexTokPipeline(vae=pipe.vae, flextok=pipe.flextok, scheduler=pipe.scheduler, ar_model=model, **extra)
+    pdir = Path(cfg.export.pipeline_dir or Path(cfg.output_dir) / "export_pipeline")
+    save_pretrained_atomic(full, pdir)
+    if run.text is not None:
+        run.text.to(run.device)
+    logger.info("exported FlexTokPipeline with the AR model to %s", pdir)
 
 
 if __name__ == "__main__":

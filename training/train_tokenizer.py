@@ -16,7 +16,10 @@ encoded in ``cache.views`` deterministic crops, and the posterior (mean, logvar)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,15 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import load_config, parse_cli
+from .config import config_from_argv
 from .data import DATA_DEFAULTS, build_dataset, fixed_batch, is_streaming, keyed_loader, make_loader, to_float
 from .loop import training_loop
-from .losses import build_mlp, repa_loss, sample_keep_k, sample_timesteps
+from ..flextok_core.nested_dropout import sample_keep_k
+from .losses import build_mlp, repa_loss, sample_timesteps
 from .models import build_flextok, count_params, load_vae, save_pretrained_atomic, vae_downsample
 from .repa import build_repa_target
 from .shards import ShardReader, fingerprint, run_sharded
-from .utils import (CheckpointManager, build_ema, ema_checkpoint_slots, gathered_state_dict, build_accelerator,
-                    build_adamw, init_run, logger, merged_defaults, optimizer_update, resolve_max_steps)
+from .utils import (CheckpointManager, LoopState, TrainRun, build_adamw, build_ema, ema_checkpoint_slots, logger,
+                    merged_defaults, optimizer_update, resolve_max_steps, start_run)
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/tokenizer",
@@ -58,7 +62,7 @@ DEFAULTS = merged_defaults({
         "timesteps": "logit_normal", # logit_normal | uniform
         "t_mean": 0.0,
         "t_std": 1.0,
-        "fast_registers": True,      # collapse runs of identical mask/null registers (exact; see decoder.py)
+        "fast_registers": True,      # collapse runs of identical mask/null registers (exact; see registers.py)
         "gradient_checkpointing": False,
     },
     "repa": {
@@ -205,28 +209,30 @@ def data_settings(cfg) -> dict:
                                   "hflip", "max_items", "class_from_folder")}
 
 
-def build_latent_cache(accelerator, cfg, dataset, vae) -> Path:
-    """Encode ``cache.views`` crops of every image with the VAE and store (mean, logvar) in shards (resumable)."""
-    cc = cfg.cache
-    folder = Path(cc.dir or Path(cfg.output_dir) / "latent_cache")
-    views = int(cc.views)
-    dtype = DTYPES[cc.dtype]
-    settings = {"vae": str(cfg.vae.path), "vae_config": dict(vae.config), "data": data_settings(cfg), "views": views,
-                "seed": int(cfg.seed), "dtype": cc.dtype, "n": len(dataset)}
-    fp = fingerprint(settings)
-    device = accelerator.device
+@dataclass
+class LatentShardEncoder:
+    """``process(start, end) -> (tensors, metadata)`` for :func:`run_sharded`: the VAE posteriors (mean, logvar) of
+    the item views ``start..end-1`` of the latent cache (item ``j`` is view ``j % views`` of image ``j // views``)."""
+
+    accelerator: Any
+    vae: nn.Module
+    dataset: Any
+    views: int
+    batch_size: int
+    num_workers: int
+    dtype: torch.dtype                # storage dtype of the moments
 
     @torch.no_grad()
-    def process(start, end):
-        keys = [(j // views, j % views) for j in range(start, end)]
+    def __call__(self, start: int, end: int) -> tuple[dict, dict]:
+        keys = [(j // self.views, j % self.views) for j in range(start, end)]
         moments, index, view, label = [], [], [], []
-        for b in keyed_loader(dataset, keys, int(cc.batch_size), int(cfg.data.num_workers)):
+        for b in keyed_loader(self.dataset, keys, self.batch_size, self.num_workers):
             if len(b["index"]) == 0:
                 continue
-            x = to_float(b["pixels"].to(device))
-            with accelerator.autocast():
-                m = vae.encode(x.to(vae.dtype)).latent_dist.parameters
-            moments.append(m.to(dtype).cpu())
+            x = to_float(b["pixels"].to(self.accelerator.device))
+            with self.accelerator.autocast():
+                m = self.vae.encode(x.to(self.vae.dtype)).latent_dist.parameters
+            moments.append(m.to(self.dtype).cpu())
             index.append(b["index"])
             view.append(b["view"])
             label.append(b["label"])
@@ -236,43 +242,89 @@ def build_latent_cache(accelerator, cfg, dataset, vae) -> Path:
                    "label": torch.cat(label)}
         return tensors, {"count": str(len(tensors["index"]))}
 
-    run_sharded(accelerator, folder, len(dataset) * views, int(cc.shard_size), fp, process, settings,
-                desc="latent cache")
+
+def build_latent_cache(accelerator, cfg, dataset, vae) -> Path:
+    """Encode ``cache.views`` crops of every image with the VAE and store (mean, logvar) in shards (resumable)."""
+    cc = cfg.cache
+    folder = Path(cc.dir or Path(cfg.output_dir) / "latent_cache")
+    views = int(cc.views)
+    settings = {"vae": str(cfg.vae.path), "vae_config": dict(vae.config), "data": data_settings(cfg), "views": views,
+                "seed": int(cfg.seed), "dtype": cc.dtype, "n": len(dataset)}
+    encode = LatentShardEncoder(accelerator, vae, dataset, views, int(cc.batch_size), int(cfg.data.num_workers),
+                                DTYPES[cc.dtype])
+    run_sharded(accelerator, folder, len(dataset) * views, int(cc.shard_size), fingerprint(settings), encode,
+                settings, desc="latent cache")
     return folder
+
+
+@dataclass(kw_only=True)
+class TokenizerRun(TrainRun):
+    """What train_tokenizer's step, evaluation and export share: :class:`TrainRun` (``raw`` is the unwrapped
+    :class:`TokenizerTrainModule`) plus the frozen VAE, the latent geometry and the REPA target encoder."""
+
+    vae: nn.Module
+    scaling_factor: float             # the VAE's latent scaling factor
+    downsample: int                   # the VAE's spatial downsampling
+    patch: int                        # FlexTok's patch size (model.patch_size)
+    repa: nn.Module | None            # RepaTarget, or None without REPA
 
 
 def main(argv=None, cfg=None, repa_encoder=None):
     """``repa_encoder``: optional module or factory overriding ``repa.encoder`` (Python API)."""
     if cfg is None:
-        path, overrides = parse_cli(argv, __doc__)
-        cfg = load_config(path, overrides, DEFAULTS)
+        cfg = config_from_argv(argv, DEFAULTS, __doc__)
+    run = build_run(cfg, repa_encoder)
+    return training_loop(run.accelerator, cfg, run.loader, partial(train_step, run), ckpt=run.ckpt,
+                         evaluate=partial(evaluate, run), export=partial(export, run), emas=run.emas,
+                         batch_size_of=lambda b: len(b["index"]), modules=[run.module])
+
+
+def build_run(cfg, repa_encoder=None) -> TokenizerRun:
+    """Accelerator, frozen VAE, FlexTok + REPA, data (and latent cache), optimizer, EMA and checkpoints, in the
+    order that fixes the random streams: the global seed before the models, the per-rank seed after ``prepare``."""
     from accelerate.utils import set_seed
 
-    from ..pipelines import FlexTokPipeline
-
-    accelerator = build_accelerator(cfg)
-    init_run(accelerator, cfg, "train_tokenizer")
-    set_seed(int(cfg.seed))
+    accelerator = start_run(cfg, "train_tokenizer")
     if not cfg.vae.path:
         raise ValueError("vae.path is required (an AutoencoderKL folder such as train_vae's export, a pipeline "
                          "folder, or a hub id)")
     if not cfg.data.path:
         raise ValueError("data.path is required")
     device = accelerator.device
-
-    # frozen VAE
     vae = load_vae(cfg.vae.path, torch_dtype=DTYPES[cfg.vae.dtype]).to(device).eval().requires_grad_(False)
-    sf = float(vae.config.scaling_factor)
     down = vae_downsample(vae)
+    patch, grid = patch_and_grid(cfg, down)
+    flextok = build_flextok_model(cfg, vae, grid)
+    module, repa = build_train_module(cfg, flextok, grid, device, repa_encoder)
+    dataset, collate_fn, loader = build_data(accelerator, cfg, vae, with_pixels=repa is not None)
+    optimizer = build_adamw(module.named_parameters(), cfg.optim)
+    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    raw = accelerator.unwrap_model(module)
+    ema, emas = build_ema(cfg.ema, raw.flextok.parameters, device)
+    set_seed(int(cfg.seed), device_specific=True)  # per-rank training randomness (restored by load_state)
+    ckpt = CheckpointManager(accelerator, cfg.output_dir, int(cfg.keep_last), **ema_checkpoint_slots(accelerator, ema))
+    total = resolve_max_steps(cfg, loader)
+    fixed = fixed_batch(dataset, int(cfg.eval_batch_size), collate_fn=collate_fn)
+    return TokenizerRun(cfg=cfg, accelerator=accelerator, module=module, raw=raw, optimizer=optimizer, loader=loader,
+                        ema=ema, emas=emas, ckpt=ckpt, total_steps=total, fixed=fixed, vae=vae,
+                        scaling_factor=float(vae.config.scaling_factor), downsample=down, patch=patch,
+                        repa=repa)
 
-    # model
-    mk = dict(cfg.model)
-    mk.setdefault("latent_channels", int(vae.config.latent_channels))
-    patch = int(mk.get("patch_size", 2))
+
+def patch_and_grid(cfg, down: int) -> tuple[int, tuple[int, int]]:
+    """-> (patch size, the decoder's patch grid at ``data.resolution``) for a VAE that downsamples by ``down``."""
+    patch = int(cfg.model.get("patch_size", 2))
     res = int(cfg.data.resolution)
     if res % (down * patch):
         raise ValueError(f"data.resolution {res} must be a multiple of {down * patch} (VAE /{down} x patch {patch})")
-    grid = (res // (down * patch), res // (down * patch))
+    return patch, (res // (down * patch), res // (down * patch))
+
+
+def build_flextok_model(cfg, vae, grid: tuple[int, int]):
+    """``init_from``'s FlexTok, or a fresh one from ``model`` (latent channels, grid and posterior sampling default
+    to the VAE's, the data's and ``vae.sample_posterior``)."""
+    mk = dict(cfg.model)
+    mk.setdefault("latent_channels", int(vae.config.latent_channels))
     mk.setdefault("grid_size", list(grid))
     mk.setdefault("sample_posterior", bool(cfg.vae.sample_posterior))
     if cfg.init_from:
@@ -286,9 +338,11 @@ def main(argv=None, cfg=None, repa_encoder=None):
     if int(flextok.config.latent_channels) != int(vae.config.latent_channels):
         raise ValueError(f"model.latent_channels {flextok.config.latent_channels} != VAE latent channels "
                          f"{vae.config.latent_channels}")
-    tc = cfg.train
+    return flextok
 
-    # REPA
+
+def build_train_module(cfg, flextok, grid, device, repa_encoder=None) -> tuple[TokenizerTrainModule, nn.Module | None]:
+    """FlexTok + the REPA projector in one train module, and the frozen REPA target (None without REPA)."""
     rc = cfg.repa
     repa = build_repa_target(rc, grid, encoder=repa_encoder) if (rc.encoder not in (None, "none") or repa_encoder) \
         and float(rc.weight) > 0 else None
@@ -299,112 +353,116 @@ def main(argv=None, cfg=None, repa_encoder=None):
             raise ValueError(f"repa.layer must be in [0, {flextok.config.decoder_depth}), got {rc.layer}")
         projector = build_mlp(int(flextok.config.decoder_dim), int(rc.proj_dim), repa.feature_dim,
                               int(rc.proj_layers))
-    module = TokenizerTrainModule(flextok, projector, tc, int(rc.layer), float(rc.weight))
-    if tc.gradient_checkpointing:
+    module = TokenizerTrainModule(flextok, projector, cfg.train, int(rc.layer), float(rc.weight))
+    if cfg.train.gradient_checkpointing:
         activation_checkpointing([*flextok.encoder.blocks, *flextok.decoder.blocks])
     logger.info("FlexTok: %.2fM parameters (encoder %.2fM, decoder %.2fM)%s", count_params(flextok) / 1e6,
                 count_params(flextok.encoder) / 1e6, count_params(flextok.decoder) / 1e6,
                 f"; REPA projector {count_params(projector) / 1e6:.2f}M" if projector is not None else "")
+    return module, repa
 
-    # data
+
+def build_data(accelerator, cfg, vae, with_pixels: bool):
+    """The images, or with ``cache.enabled`` their cached VAE posteriors (the cache is built first; ``with_pixels``
+    adds each crop's pixels, for REPA targets). -> (dataset, collate_fn, loader)."""
     images = build_dataset(cfg.data, seed=int(cfg.seed))
-    cached = bool(cfg.cache.enabled)
-    if cached:
+    if cfg.cache.enabled:
         if is_streaming(images):
             raise ValueError("cache.enabled needs map-style data (not streaming)")
         folder = build_latent_cache(accelerator, cfg, images, vae)
-        dataset = CachedLatentDataset(folder, int(cfg.seed), images if repa is not None else None)
+        dataset = CachedLatentDataset(folder, int(cfg.seed), images if with_pixels else None)
         collate_fn = collate_latents
     else:
         dataset, collate_fn = images, None
     loader = make_loader(dataset, int(cfg.data.batch_size), int(cfg.seed), bool(cfg.data.shuffle),
                          int(cfg.data.num_workers), collate_fn=collate_fn)
+    return dataset, collate_fn, loader
 
-    optimizer = build_adamw(module.named_parameters(), cfg.optim)
-    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
-    raw = accelerator.unwrap_model(module)
-    ema, emas = build_ema(cfg.ema, raw.flextok.parameters, device)
-    set_seed(int(cfg.seed), device_specific=True)
-    ckpt = CheckpointManager(accelerator, cfg.output_dir, int(cfg.keep_last), **ema_checkpoint_slots(accelerator, ema))
-    oc = cfg.optim
-    total = resolve_max_steps(cfg, loader)
 
-    @torch.no_grad()
-    def latents_of(batch, generator=None):
-        if "moments" in batch:
-            mean, logvar = batch["moments"].to(device).float().chunk(2, dim=1)
-            if cfg.vae.sample_posterior:
-                std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-                z = mean + std * torch.randn(mean.shape, device=device, generator=generator)
-            else:
-                z = mean
-            return z * sf
-        x = to_float(batch["pixels"].to(device))
-        with accelerator.autocast():
-            post = vae.encode(x.to(vae.dtype)).latent_dist
-            z = post.sample(generator=generator) if cfg.vae.sample_posterior else post.mode()
-        return z.float() * sf
-
-    @torch.no_grad()
-    def repa_of(batch):
-        if repa is None or "pixels" not in batch:
-            return None
-        with accelerator.autocast():
-            return repa(to_float(batch["pixels"].to(device)), grid_of(batch)).float()
-
-    def grid_of(batch):
-        if "moments" in batch:
-            h, w = batch["moments"].shape[-2:]
+@torch.no_grad()
+def latents_of(run: TokenizerRun, batch: dict, generator=None) -> torch.Tensor:
+    """Scaled VAE latents of a batch: sampled from (or the mean of) its cached moments or its pixels' posterior."""
+    device = run.device
+    if "moments" in batch:
+        mean, logvar = batch["moments"].to(device).float().chunk(2, dim=1)
+        if run.cfg.vae.sample_posterior:
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            z = mean + std * torch.randn(mean.shape, device=device, generator=generator)
         else:
-            h, w = (s // down for s in batch["pixels"].shape[-2:])
-        return h // patch, w // patch
+            z = mean
+        return z * run.scaling_factor
+    x = to_float(batch["pixels"].to(device))
+    with run.accelerator.autocast():
+        post = run.vae.encode(x.to(run.vae.dtype)).latent_dist
+        z = post.sample(generator=generator) if run.cfg.vae.sample_posterior else post.mode()
+    return z.float() * run.scaling_factor
 
-    def train_step(batch, state):
-        x0 = latents_of(batch)
-        target = repa_of(batch)
-        with accelerator.accumulate(module):
-            with accelerator.autocast():
-                out = module(x0, target)
-            accelerator.backward(out["loss"])
-            out.update(optimizer_update(accelerator, module, optimizer, oc, state.step, total))
-        return {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}
 
-    fixed = fixed_batch(dataset, int(cfg.eval_batch_size), collate_fn=collate_fn)
+@torch.no_grad()
+def repa_target_of(run: TokenizerRun, batch: dict) -> torch.Tensor | None:
+    """The REPA encoder's features of a batch's pixels on the decoder's patch grid (None without REPA or pixels)."""
+    if run.repa is None or "pixels" not in batch:
+        return None
+    with run.accelerator.autocast():
+        return run.repa(to_float(batch["pixels"].to(run.device)), patch_grid_of(run, batch)).float()
 
-    @torch.no_grad()
-    def evaluate():
-        g = torch.Generator(device=device).manual_seed(1234)
-        x0 = latents_of(fixed, generator=g)
-        target = repa_of(fixed)
-        with accelerator.autocast():
-            out = module(x0, target, generator=g)
-            # flow loss with every token kept and with one token (nested dropout's two ends)
-            n = raw.flextok.config.num_registers
-            for k in sorted({1, n}):
-                g.manual_seed(99)
-                kk = torch.full((x0.shape[0],), k, device=device, dtype=torch.long)
-                out[f"flow_k{k}"] = module(x0, None, generator=g, keep_k=kk)["flow"]
-            out.update(code_health(raw.flextok, x0))
-        return {k: float(v) for k, v in out.items()}
 
-    def export(state):
-        out_dir = Path(cfg.export.dir or Path(cfg.output_dir) / "export")
-        use_ema = ema is not None and cfg.export.use_ema
-        sd = gathered_state_dict(accelerator, module, raw.flextok.parameters(), ema if use_ema else None)
-        if sd is None:
-            return
-        from ..flextok_core import FlexTokModel
+def patch_grid_of(run: TokenizerRun, batch: dict) -> tuple[int, int]:
+    if "moments" in batch:
+        h, w = batch["moments"].shape[-2:]
+    else:
+        h, w = (s // run.downsample for s in batch["pixels"].shape[-2:])
+    return h // run.patch, w // run.patch
 
-        model = FlexTokModel.from_config(raw.flextok.config)
-        model.load_state_dict({k[len("flextok."):]: v.detach().cpu().float() for k, v in sd.items()
-                               if k.startswith("flextok.")})
-        pipe = FlexTokPipeline(vae=load_vae(cfg.vae.path).eval(), flextok=model.eval(),
-                               scheduler=FlexTokPipeline.default_scheduler())
-        save_pretrained_atomic(pipe, out_dir)
-        logger.info("exported FlexTokPipeline (%s weights) to %s", "EMA" if use_ema else "raw", out_dir)
 
-    return training_loop(accelerator, cfg, loader, train_step, ckpt=ckpt, evaluate=evaluate, export=export,
-                         emas=emas, batch_size_of=lambda b: len(b["index"]), modules=[module])
+def train_step(run: TokenizerRun, batch: dict, state: LoopState) -> dict:
+    """One micro-batch: flow (+ REPA) loss, backward pass and, on a sync step, the optimizer update."""
+    acc = run.accelerator
+    x0 = latents_of(run, batch)
+    target = repa_target_of(run, batch)
+    with acc.accumulate(run.module):
+        with acc.autocast():
+            out = run.module(x0, target)
+        acc.backward(out["loss"])
+        out.update(optimizer_update(acc, run.module, run.optimizer, run.cfg.optim, state.step, run.total_steps))
+    return {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def evaluate(run: TokenizerRun) -> dict:
+    """Losses on the fixed batch (fixed noise), the flow loss with one and with all tokens, and the code health."""
+    g = torch.Generator(device=run.device).manual_seed(1234)
+    x0 = latents_of(run, run.fixed, generator=g)
+    target = repa_target_of(run, run.fixed)
+    flextok = run.raw.flextok
+    with run.accelerator.autocast():
+        out = run.module(x0, target, generator=g)
+        # flow loss with every token kept and with one token (nested dropout's two ends)
+        n = flextok.config.num_registers
+        for k in sorted({1, n}):
+            g.manual_seed(99)
+            kk = torch.full((x0.shape[0],), k, device=run.device, dtype=torch.long)
+            out[f"flow_k{k}"] = run.module(x0, None, generator=g, keep_k=kk)["flow"]
+        out.update(code_health(flextok, x0))
+    return {k: float(v) for k, v in out.items()}
+
+
+def export(run: TokenizerRun, state: LoopState) -> None:
+    """``export.dir``: a FlexTokPipeline folder (the VAE from ``vae.path``, FlexTok with the EMA weights with
+    ``export.use_ema``, the default scheduler)."""
+    weights = run.export_weights(run.raw.flextok.parameters(), "flextok.")
+    if weights is None:
+        return
+    from ..flextok_core import FlexTokModel
+    from ..pipelines import FlexTokPipeline
+
+    model = FlexTokModel.from_config(run.raw.flextok.config)
+    model.load_state_dict(weights)
+    pipe = FlexTokPipeline(vae=load_vae(run.cfg.vae.path).eval(), flextok=model.eval(),
+                           scheduler=FlexTokPipeline.default_scheduler())
+    out_dir = run.export_dir()
+    save_pretrained_atomic(pipe, out_dir)
+    logger.info("exported FlexTokPipeline (%s weights) to %s", "EMA" if run.export_ema else "raw", out_dir)
 
 
 if __name__ == "__main__":

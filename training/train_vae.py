@@ -11,19 +11,22 @@ The export (``output_dir/export`` unless ``export.dir``) is an ``AutoencoderKL``
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import load_config, parse_cli
+from .config import config_from_argv
 from .data import DATA_DEFAULTS, build_dataset, fixed_batch, make_loader, to_float
 from .loop import training_loop
-from .losses import (PatchDiscriminator, adaptive_weight, build_perceptual, hinge_d_loss, hinge_g_loss, kl_loss)
-from .models import build_vae, count_params, load_vae, psnr, save_pretrained_atomic, ssim
-from .utils import (CheckpointManager, build_ema, ema_checkpoint_slots, gathered_state_dict, build_accelerator,
-                    build_adamw, init_run, logger, merged_defaults, optimizer_update, resolve_max_steps)
+from ..metrics import build_perceptual, psnr, ssim
+from .losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, kl_loss
+from .models import build_vae, count_params, load_vae, save_pretrained_atomic
+from .utils import (CheckpointManager, LoopState, TrainRun, build_adamw, build_ema, ema_checkpoint_slots, logger,
+                    merged_defaults, optimizer_update, resolve_max_steps, start_run)
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/vae",
@@ -76,18 +79,29 @@ def pixel_loss(recon, x, kind: str) -> torch.Tensor:
     raise ValueError(f"loss.pixel must be l1 or l2, got {kind!r}")
 
 
+@dataclass(kw_only=True)
+class VAERun(TrainRun):
+    """What train_vae's step, evaluation and export share: :class:`TrainRun` (``optimizer`` is the VAE's) plus the
+    discriminator and its optimizer (None without ``loss.disc_start``), the perceptual network and the dataset."""
+
+    disc: nn.Module | None
+    opt_d: torch.optim.Optimizer | None
+    perceptual: nn.Module | None
+    dataset: Any
+
+
 def main(argv=None, cfg=None):
     if cfg is None:
-        path, overrides = parse_cli(argv, __doc__)
-        cfg = load_config(path, overrides, DEFAULTS)
-    from accelerate.utils import set_seed
+        cfg = config_from_argv(argv, DEFAULTS, __doc__)
+    run = build_run(cfg)
+    return training_loop(run.accelerator, cfg, run.loader, partial(train_step, run), ckpt=run.ckpt,
+                         evaluate=partial(evaluate, run), export=partial(export, run), emas=run.emas,
+                         modules=[run.module] + ([run.disc] if run.disc is not None else []))
 
-    accelerator = build_accelerator(cfg)
-    init_run(accelerator, cfg, "train_vae")
-    set_seed(int(cfg.seed))
-    if not cfg.data.path:
-        raise ValueError("data.path is required (an image folder, tar shards or a datasets name/path)")
 
+def build_models(cfg) -> tuple[VAETrainModule, nn.Module | None, nn.Module | None]:
+    """-> (the train module around a fresh or ``vae.pretrained`` VAE, the PatchGAN discriminator or None, the
+    perceptual network or None)."""
     vae = load_vae(cfg.vae.pretrained) if cfg.vae.pretrained else build_vae(cfg.vae.model)
     if cfg.vae.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
@@ -98,13 +112,24 @@ def main(argv=None, cfg=None):
     perceptual = build_perceptual(lc.perceptual)
     logger.info("VAE: %.2fM parameters%s", count_params(vae) / 1e6,
                 f", discriminator {count_params(disc) / 1e6:.2f}M" if disc else "")
+    return module, disc, perceptual
 
+
+def build_run(cfg) -> VAERun:
+    """Accelerator, models, data, optimizers, EMA and checkpoints, in the order that fixes the random streams: the
+    global seed before the models, the per-rank seed after ``accelerator.prepare``."""
+    from accelerate.utils import set_seed
+
+    accelerator = start_run(cfg, "train_vae")
+    if not cfg.data.path:
+        raise ValueError("data.path is required (an image folder, tar shards or a datasets name/path)")
+    module, disc, perceptual = build_models(cfg)
     dataset = build_dataset(cfg.data, seed=int(cfg.seed))
     loader = make_loader(dataset, int(cfg.data.batch_size), int(cfg.seed), bool(cfg.data.shuffle),
                          int(cfg.data.num_workers))
     opt_g = build_adamw(module.named_parameters(), cfg.optim)
     if disc is not None:
-        opt_d = torch.optim.AdamW(disc.parameters(), lr=float(lc.disc_lr or cfg.optim.lr),
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=float(cfg.loss.disc_lr or cfg.optim.lr),
                                   betas=tuple(cfg.optim.betas), weight_decay=0.0)
         module, opt_g, disc, opt_d, loader = accelerator.prepare(module, opt_g, disc, opt_d, loader)
     else:
@@ -116,95 +141,116 @@ def main(argv=None, cfg=None):
     ema, emas = build_ema(cfg.ema, raw.parameters, accelerator.device)
     set_seed(int(cfg.seed), device_specific=True)  # per-rank training randomness (restored by load_state)
     ckpt = CheckpointManager(accelerator, cfg.output_dir, int(cfg.keep_last), **ema_checkpoint_slots(accelerator, ema))
-    oc = cfg.optim
     total = resolve_max_steps(cfg, loader)
-
-    def train_step(batch, state):
-        x = to_float(batch["pixels"].to(accelerator.device))
-        gan_on = disc is not None and state.step >= int(lc.disc_start)
-        models = (module, disc) if disc is not None else (module,)
-        out = {}
-        with accelerator.accumulate(*models):
-            with accelerator.autocast():
-                recon, mean, logvar = module(x)
-                rec = pixel_loss(recon, x, lc.pixel)
-                nll = float(lc.pixel_weight) * rec
-                out["rec"] = rec.detach()
-                if perceptual is not None and float(lc.perceptual_weight) > 0:
-                    p = perceptual(recon.float(), x).mean()
-                    nll = nll + float(lc.perceptual_weight) * p
-                    out["perceptual"] = p.detach()
-                kl = kl_loss(mean.float(), logvar.float())
-                loss = nll + float(lc.kl_weight) * kl
-                out["kl"] = kl.detach()
-                if gan_on:
-                    d_raw = accelerator.unwrap_model(disc)
-                    d_raw.requires_grad_(False)
-                    g = hinge_g_loss(d_raw(recon).float())
-                    d_raw.requires_grad_(True)
-                    if lc.adaptive_weight:
-                        last = raw.vae.decoder.conv_out.weight
-                        w = adaptive_weight(nll, g, last) * float(lc.disc_weight)
-                    else:
-                        w = torch.tensor(float(lc.disc_weight), device=x.device)
-                    loss = loss + w * g
-                    out.update(g_loss=g.detach(), d_weight=w)
-            accelerator.backward(loss)
-            out.update(optimizer_update(accelerator, module, opt_g, oc, state.step, total))
-            out["loss"] = loss.detach()
-            if gan_on:
-                with accelerator.autocast():  # one forward over [real, fake] (one DDP forward per backward)
-                    logits = disc(torch.cat([x, recon.detach().to(x.dtype)])).float()
-                    d_loss = hinge_d_loss(*logits.chunk(2))
-                accelerator.backward(d_loss)
-                if accelerator.sync_gradients and oc.grad_clip:
-                    accelerator.clip_grad_norm_(disc.parameters(), float(oc.grad_clip))
-                opt_d.step()
-                opt_d.zero_grad(set_to_none=True)
-                out["d_loss"] = d_loss.detach()
-        return out
-
     fixed = fixed_batch(dataset, int(cfg.eval_batch_size))
+    return VAERun(cfg=cfg, accelerator=accelerator, module=module, raw=raw, optimizer=opt_g, loader=loader, ema=ema,
+                  emas=emas, ckpt=ckpt, total_steps=total, fixed=fixed, disc=disc, opt_d=opt_d,
+                  perceptual=perceptual, dataset=dataset)
 
-    @torch.no_grad()
-    def evaluate():
-        x = to_float(fixed["pixels"].to(accelerator.device))
-        module.eval()
-        with accelerator.autocast():
-            recon, mean, logvar = module(x, sample=False)
-        module.train()
-        recon = recon.float()
-        rec = pixel_loss(recon, x, lc.pixel)
-        m = {"rec": rec, "psnr": psnr(recon, x).mean(), "ssim": ssim(recon, x).mean(),
-             "kl": kl_loss(mean.float(), logvar.float())}
-        loss = float(lc.pixel_weight) * rec + float(lc.kl_weight) * m["kl"]
-        if perceptual is not None:
-            m["perceptual"] = perceptual(recon, x).mean()
-            loss = loss + float(lc.perceptual_weight) * m["perceptual"]
-        m["loss"] = loss
-        return {k: float(v) for k, v in m.items()}
 
-    def export(state):
-        out_dir = Path(cfg.export.dir or Path(cfg.output_dir) / "export")
-        use_ema = ema is not None and cfg.export.use_ema
-        sd = gathered_state_dict(accelerator, module, raw.parameters(), ema if use_ema else None)
-        if sd is None:
-            return
-        from diffusers import AutoencoderKL
+def train_step(run: VAERun, batch: dict, state: LoopState) -> dict:
+    """One micro-batch: the VAE's loss and update, then (once ``loss.disc_start`` is reached) the
+    discriminator's. -> values to log."""
+    acc = run.accelerator
+    x = to_float(batch["pixels"].to(acc.device))
+    gan_on = run.disc is not None and state.step >= int(run.cfg.loss.disc_start)
+    models = (run.module, run.disc) if run.disc is not None else (run.module,)
+    with acc.accumulate(*models):
+        with acc.autocast():
+            recon, loss, out = generator_loss(run, x, gan_on)
+        acc.backward(loss)
+        out.update(optimizer_update(acc, run.module, run.optimizer, run.cfg.optim, state.step, run.total_steps))
+        out["loss"] = loss.detach()
+        if gan_on:
+            out["d_loss"] = discriminator_update(run, x, recon)
+    return out
 
-        final = AutoencoderKL.from_config(raw.vae.config)
-        final.load_state_dict({k[len("vae."):]: v.float() for k, v in sd.items() if k.startswith("vae.")})
-        final.eval()
-        sf = cfg.export.scaling_factor
-        if sf in ("auto", None):
-            sf = estimate_scaling_factor(final, dataset, int(cfg.export.scaling_batches), int(cfg.data.batch_size),
-                                         accelerator.device)
-        final.register_to_config(scaling_factor=float(sf))
-        save_pretrained_atomic(final, out_dir)
-        logger.info("exported AutoencoderKL (scaling_factor %.4f) to %s", float(sf), out_dir)
 
-    return training_loop(accelerator, cfg, loader, train_step, ckpt=ckpt, evaluate=evaluate, export=export, emas=emas,
-                         modules=[module] + ([disc] if disc is not None else []))
+def generator_loss(run: VAERun, x: torch.Tensor, gan_on: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The VAE's loss on ``x``: pixel + perceptual + KL (+ the adaptively weighted hinge GAN term when ``gan_on``).
+    -> (reconstruction, loss, detached terms to log)."""
+    lc = run.cfg.loss
+    out = {}
+    recon, mean, logvar = run.module(x)
+    rec = pixel_loss(recon, x, lc.pixel)
+    nll = float(lc.pixel_weight) * rec
+    out["rec"] = rec.detach()
+    if run.perceptual is not None and float(lc.perceptual_weight) > 0:
+        p = run.perceptual(recon.float(), x).mean()
+        nll = nll + float(lc.perceptual_weight) * p
+        out["perceptual"] = p.detach()
+    kl = kl_loss(mean.float(), logvar.float())
+    loss = nll + float(lc.kl_weight) * kl
+    out["kl"] = kl.detach()
+    if gan_on:
+        d_raw = run.accelerator.unwrap_model(run.disc)
+        d_raw.requires_grad_(False)
+        g = hinge_g_loss(d_raw(recon).float())
+        d_raw.requires_grad_(True)
+        if lc.adaptive_weight:
+            w = adaptive_weight(nll, g, run.raw.vae.decoder.conv_out.weight) * float(lc.disc_weight)
+        else:
+            w = torch.tensor(float(lc.disc_weight), device=x.device)
+        loss = loss + w * g
+        out.update(g_loss=g.detach(), d_weight=w)
+    return recon, loss, out
+
+
+def discriminator_update(run: VAERun, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """The discriminator's hinge loss on real ``x`` versus the detached ``recon``, its backward pass and optimizer
+    step (inside the caller's ``accelerator.accumulate``). -> the detached loss."""
+    acc, oc = run.accelerator, run.cfg.optim
+    with acc.autocast():  # one forward over [real, fake] (one DDP forward per backward)
+        logits = run.disc(torch.cat([x, recon.detach().to(x.dtype)])).float()
+        d_loss = hinge_d_loss(*logits.chunk(2))
+    acc.backward(d_loss)
+    if acc.sync_gradients and oc.grad_clip:
+        acc.clip_grad_norm_(run.disc.parameters(), float(oc.grad_clip))
+    run.opt_d.step()
+    run.opt_d.zero_grad(set_to_none=True)
+    return d_loss.detach()
+
+
+@torch.no_grad()
+def evaluate(run: VAERun) -> dict:
+    """Reconstruction of the fixed batch from the posterior mean: losses, PSNR, SSIM."""
+    lc = run.cfg.loss
+    x = to_float(run.fixed["pixels"].to(run.device))
+    run.module.eval()
+    with run.accelerator.autocast():
+        recon, mean, logvar = run.module(x, sample=False)
+    run.module.train()
+    recon = recon.float()
+    rec = pixel_loss(recon, x, lc.pixel)
+    m = {"rec": rec, "psnr": psnr(recon, x).mean(), "ssim": ssim(recon, x).mean(),
+         "kl": kl_loss(mean.float(), logvar.float())}
+    loss = float(lc.pixel_weight) * rec + float(lc.kl_weight) * m["kl"]
+    if run.perceptual is not None:
+        m["perceptual"] = run.perceptual(recon, x).mean()
+        loss = loss + float(lc.perceptual_weight) * m["perceptual"]
+    m["loss"] = loss
+    return {k: float(v) for k, v in m.items()}
+
+
+def export(run: VAERun, state: LoopState) -> None:
+    """``export.dir``: an AutoencoderKL folder (EMA weights with ``export.use_ema``) with its ``scaling_factor``."""
+    weights = run.export_weights(run.raw.parameters(), "vae.")
+    if weights is None:
+        return
+    from diffusers import AutoencoderKL
+
+    cfg = run.cfg
+    final = AutoencoderKL.from_config(run.raw.vae.config)
+    final.load_state_dict(weights)
+    final.eval()
+    sf = cfg.export.scaling_factor
+    if sf in ("auto", None):
+        sf = estimate_scaling_factor(final, run.dataset, int(cfg.export.scaling_batches), int(cfg.data.batch_size),
+                                     run.device)
+    final.register_to_config(scaling_factor=float(sf))
+    out_dir = run.export_dir()
+    save_pretrained_atomic(final, out_dir)
+    logger.info("exported AutoencoderKL (scaling_factor %.4f) to %s", float(sf), out_dir)
 
 
 @torch.no_grad()

@@ -10,47 +10,15 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
 from ..flextok_core.fileio import atomic_write, remove_dir, replace_dir  # noqa: F401  (re-exported)
+from .config import COMMON_DEFAULTS, merged_defaults  # noqa: F401  (re-exported; they live in config)
+from .config import flatten, save_config
 
 logger = logging.getLogger("flextok_kit.training")
-
-# -------------------------------------------------------------------------------------------------------------
-# Shared config schema (every script merges its own sections over this)
-COMMON_DEFAULTS = {
-    "output_dir": "runs/unnamed",
-    "seed": 0,
-    "mixed_precision": None,          # no | bf16 | fp16 | null (= accelerate launch config / env)
-    "gradient_accumulation_steps": 1,
-    "max_steps": 1000,                # optimizer steps
-    "epochs": None,                   # if set, max_steps = epochs * steps per epoch (map-style data only)
-    "log_every": 10,
-    "eval_every": 0,                  # loss on a fixed batch every N steps (0: only at start and end)
-    "eval_batch_size": 8,
-    "checkpoint_every": 500,
-    "keep_last": 3,
-    "resume": "auto",                 # auto (latest checkpoint in output_dir/checkpoints) | none | a checkpoint path
-    "tracker": "none",                # none | auto (tensorboard if installed) | tensorboard | wandb | ... | a list
-    "tracker_kwargs": {},             # init_kwargs for accelerator.init_trackers (free-form)
-    "project_name": "flextok",
-    "progress_bar": True,
-    "find_unused_parameters": False,
-    "allow_tf32": True,
-    "debug": {"step_sleep": 0.0, "stop_after_steps": None, "rank_checksums": False},
-}
-
-
-def merged_defaults(*sections: dict) -> dict:
-    from .config import merge
-
-    out = dict(COMMON_DEFAULTS)
-    for s in sections:
-        out = merge(out, s)
-    return out
-
 
 # -------------------------------------------------------------------------------------------------------------
 # Atomic file helpers
@@ -138,8 +106,6 @@ def build_accelerator(cfg):
 
 def init_run(accelerator, cfg, run_name: str) -> None:
     """Output folder, resolved config (``config.yaml``), trackers."""
-    from .config import flatten, save_config
-
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -150,6 +116,17 @@ def init_run(accelerator, cfg, run_name: str) -> None:
     accelerator.wait_for_everyone()
     logger.info("%s: %d process(es), device %s, mixed precision %s, output %s", run_name, accelerator.num_processes,
                 accelerator.device, accelerator.mixed_precision, out)
+
+
+def start_run(cfg, run_name: str):
+    """The accelerator (:func:`build_accelerator`), the output folder with ``config.yaml`` and the trackers
+    (:func:`init_run`), then the global seed for building the models. -> the accelerator."""
+    from accelerate.utils import set_seed
+
+    accelerator = build_accelerator(cfg)
+    init_run(accelerator, cfg, run_name)
+    set_seed(int(cfg.seed))
+    return accelerator
 
 
 class MetricsLog:
@@ -486,6 +463,43 @@ class CheckpointManager:
         if not (p / "meta.json").is_file():
             raise FileNotFoundError(f"resume={resume!r}: not a complete checkpoint folder (no meta.json)")
         return p
+
+
+@dataclass(kw_only=True)
+class TrainRun:
+    """What a training script's ``train_step``, ``evaluate`` and ``export`` share: built once by the script's
+    ``build_run`` (after ``accelerator.prepare``); each script subclasses it with its own pieces."""
+
+    cfg: Any
+    accelerator: Any
+    module: torch.nn.Module                  # the prepared (DDP/FSDP-wrapped) train module
+    raw: torch.nn.Module                     # the same module, unwrapped
+    optimizer: torch.optim.Optimizer
+    loader: Any
+    ema: EMA | None
+    emas: list                               # (EMA, params_fn) pairs the loop updates (see build_ema)
+    ckpt: CheckpointManager
+    total_steps: int                         # optimizer steps of the whole run (the LR schedule's length)
+    fixed: dict | None = None                # the evaluation batch
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    @property
+    def export_ema(self) -> bool:
+        return self.ema is not None and bool(self.cfg.export.use_ema)
+
+    def export_dir(self) -> Path:
+        return Path(self.cfg.export.dir or Path(self.cfg.output_dir) / "export")
+
+    def export_weights(self, params, prefix: str) -> dict | None:
+        """The weights to export (the EMA's with ``export.use_ema``) under the train module's ``prefix`` (e.g.
+        ``"vae."``, stripped), float32, on the main process; None elsewhere. Every rank must call it (FSDP)."""
+        sd = gathered_state_dict(self.accelerator, self.module, params, self.ema if self.export_ema else None)
+        if sd is None:
+            return None
+        return {k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)}
 
 
 def batches(accelerator, loader, state: LoopState):

@@ -1,12 +1,13 @@
-"""Start a real ComfyUI server for tests (adapted from shared/comfyui/comfyui_harness.py: a stdlib
-websocket client when websocket-client is missing), submit API-format workflows, read results.
+"""A client for a real ComfyUI server: start one (its own throw-away ``--base-directory``, node packs linked in),
+submit API-format workflows over HTTP (``POST /prompt``, ``GET /history``), collect the /ws messages, and turn a
+UI-format workflow (what the frontend saves, e.g. example_workflows/*.json) into the API format.
 
-Standard library only; runs also collect the /ws messages (progress, executing, executed,
-execution_error, ...) with websocket-client if importable, else with MiniWebSocket below.
-``ui_to_api`` turns a UI-format workflow into the API format. Pair it with a ComfyUI installed
-by .ci/install_comfyui.sh:
+Standard library only, and it imports neither ComfyUI nor torch: the node tests (tests/test_comfyui.py) and the
+ComfyUI demo (scripts/comfyui_demo.py, run with ComfyUI's own python) both use it. Runs collect the /ws messages
+(progress, executing, executed, execution_error, ...) with websocket-client if importable, else with
+:class:`MiniWebSocket` below. Pair it with a ComfyUI installed by .ci/comfyui.sh:
 
-    from comfyui_harness import ComfyServer
+    from flextok_kit.comfyui_client import ComfyServer
     with ComfyServer(launcher=os.environ["COMFYUI_HOME"] + "/bin/comfyui",
                      base_dir=tmp_path, packs={"my_pack": repo_root}) as srv:
         assert "MyNode" in srv.object_info()

@@ -1,0 +1,33 @@
+"""Nested dropout: the number k of registers a training sample keeps (of N), so that every prefix of the token
+sequence learns to stand for the whole image. The decoder replaces the dropped registers past the kept prefix by
+a learned mask token (:func:`.registers.mask_dropped`)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def keep_k_choices(num_registers: int, mode: str = "pow2") -> torch.Tensor:
+    if mode == "pow2":
+        ks = [2 ** i for i in range(int(math.log2(num_registers)) + 1)]
+        if ks[-1] != num_registers:
+            ks.append(num_registers)
+        return torch.tensor(ks)
+    if mode == "uniform":
+        return torch.arange(1, num_registers + 1)
+    if mode == "none":
+        return torch.tensor([num_registers])
+    raise ValueError(f"nested dropout mode must be pow2, uniform or none, got {mode!r}")
+
+
+def sample_keep_k(batch: int, num_registers: int, mode: str = "pow2", device=None, generator=None) -> torch.Tensor:
+    """Nested dropout: number of kept registers per sample, uniform over ``{1, 2, 4, ..., N}`` (``pow2``, the paper)
+    or ``{1..N}`` (``uniform``); ``none`` keeps all."""
+    choices = keep_k_choices(num_registers, mode)
+    idx = torch.randint(len(choices), (batch,), generator=generator, device="cpu" if generator is None else
+                        generator.device)
+    return choices[idx.cpu()].to(device)
+
+
+__all__ = ["keep_k_choices", "sample_keep_k"]
