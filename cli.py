@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from . import images as image_layer
-from .images import FITS, IMAGE_SUFFIXES, find_images, load_image, to_tensor  # noqa: F401  (re-exported)
+from .images import FITS, find_images, load_image, to_tensor
 
 
 class CLIError(Exception):
@@ -527,6 +527,14 @@ def image_options(p):
     p.add_argument("--quiet", action="store_true")
 
 
+def decoder_options(p):
+    """How tokens become images: the rectified-flow sampler's settings, shared by every decoding command."""
+    p.add_argument("--steps", type=int, default=25, help="Euler steps of the rectified-flow decoder")
+    p.add_argument("--guidance", type=float, default=7.5, help="decoder guidance scale (1 = off, half the compute)")
+    p.add_argument("--no-apg", action="store_true", help="plain classifier-free guidance instead of APG")
+    p.add_argument("--decode-batch-size", type=int, default=16, help="images decoded at once (bounds memory)")
+
+
 def add_convert_parser(sub):
     p = sub.add_parser("convert", help="official release -> our diffusers-format folder")
     p.add_argument("source", help="official FlexTok folder or hub id (e.g. EPFL-VILAB/flextok_d18_d18_in1k)")
@@ -562,11 +570,8 @@ def add_detokenize_parser(sub):
     p.add_argument("--num-tokens", type=int, nargs="+",
                    help="decode the first K tokens of every row; several K give one PNG each (suffix _k<K>); "
                         "default: each row's own tokens")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--no-apg", action="store_true", help="plain classifier-free guidance instead of APG")
+    decoder_options(p)
     p.add_argument("--seed", type=int, default=0, help="row i's noise is seeded seed + i (the same at every K)")
-    p.add_argument("--decode-batch-size", type=int, default=16)
     p.add_argument("--out", required=True, help="output folder: <source stem>[_k<K>].png per row")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_detokenize)
@@ -578,10 +583,7 @@ def add_reconstruct_parser(sub):
     model_options(p)
     p.add_argument("--tokens", type=int, nargs="+", help="token budgets (default: 1 4 16 64 N)")
     p.add_argument("--out", default="reconstruction.png")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--no-apg", action="store_true", help="plain classifier-free guidance instead of APG")
-    p.add_argument("--decode-batch-size", type=int, default=16)
+    decoder_options(p)
     p.set_defaults(func=cmd_reconstruct)
 
 
@@ -598,11 +600,8 @@ def add_generate_parser(sub):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5, help="decoder guidance")
-    p.add_argument("--no-apg", action="store_true")
+    decoder_options(p)
     p.add_argument("--size", type=int, help="image size (default: the model's largest)")
-    p.add_argument("--decode-batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png")
     p.add_argument("--save-tokens", help="also write the sampled ids to this .safetensors file")

@@ -19,7 +19,6 @@ No ComfyUI and no pipeline imports here (only torch and safetensors), so every f
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -72,8 +72,8 @@ class FlexTokHandle:
         return self.pipe
 
     def make_tokens(self, ids: torch.Tensor, image_size) -> FlexTokTokens:
-        return FlexTokTokens(ids, self.identity, self.name, tuple(image_size), self.num_registers,
-                             int(self.pipe.flextok.vocab_size))
+        return FlexTokTokens.of(ids, self.identity, self.name, tuple(image_size), self.num_registers,
+                                int(self.pipe.flextok.vocab_size))
 
     def __repr__(self):
         return f"FlexTokHandle('{self.name}', {self.kind}, N={self.num_registers}, id={self.identity[:12]})"

@@ -6,9 +6,9 @@ labels.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -75,73 +75,39 @@ def model_identity(pipe) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- tokens
-@dataclass
-class FlexTokTokens:
-    """What flows through a FLEXTOK_TOKENS socket: ids plus where they came from.
+class FlexTokTokens(TokenFile):
+    """What flows through a FLEXTOK_TOKENS socket: a token file in memory (:class:`token_files.TokenFile`: ids
+    ``[B, k]`` on the CPU, per-row lengths for ragged rows, the producing model's fingerprint and name, sources)
+    whose rows share one image size, since a ComfyUI IMAGE batch has one size.
 
-    ids: LongTensor [B, k] on the CPU (the first k of the model's N coarse-to-fine tokens, per image).
-    lengths: LongTensor [B], each row's own k (ragged rows, e.g. a file with a per-image k: row i is valid up to
-        lengths[i], the rest is padding); None = every row has k tokens.
-    model_id: :func:`model_identity` of the producing model; model_name: its dropdown name (for messages).
-    image_size: (height, width) of the images the tokens describe (Decode renders at this size); None = the
-        model's default size (token files that did not record it).
-    sources: per row, the image file or condition it came from (kept when saved; may be empty strings).
+    ``model_id`` is the fingerprint (:func:`model_identity`); ``image_size`` (height, width) is what Decode renders
+    at (None: the model's default size, for files that did not record it); ``num_tokens`` is k (the longest row).
     """
 
-    ids: torch.Tensor
-    model_id: str
-    model_name: str
-    image_size: tuple[int, int] | None
-    num_registers: int | None
-    vocab_size: int | None
-    extra: dict = field(default_factory=dict)
-    lengths: torch.Tensor | None = None
-    sources: list[str] | None = None
-
-    def __post_init__(self):
-        ids = torch.as_tensor(self.ids)
-        if ids.dim() == 1:
-            ids = ids[None]
-        if ids.dim() != 2 or ids.shape[1] < 1:
-            raise ValueError(f"token ids must have shape [B,k] with k >= 1, got {tuple(ids.shape)}")
-        if ids.is_floating_point() or ids.dtype == torch.bool:
-            raise ValueError(f"token ids must be integers, got {ids.dtype}")
-        self.ids = ids.detach().to("cpu", torch.long).contiguous()
-        k = self.ids.shape[1]
-        lengths = torch.full((self.ids.shape[0],), k) if self.lengths is None else torch.as_tensor(self.lengths)
-        if tuple(lengths.shape) != (self.ids.shape[0],) or bool(((lengths < 1) | (lengths > k)).any()):
-            raise ValueError(f"token lengths must be one value in 1..{k} per row, got {lengths.tolist()}")
-        self.lengths = lengths.to("cpu", torch.long)
-        if self.image_size is not None:
-            self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
+    @classmethod
+    def of(cls, ids, model_id: str, model_name: str, image_size, num_registers: int | None, vocab_size: int | None,
+           extra: dict | None = None, lengths=None, sources=None) -> "FlexTokTokens":
+        ids = torch.as_tensor(ids)
+        rows = 1 if ids.dim() == 1 else int(ids.shape[0])
+        return cls(ids, model_id, model_name, lengths, sources, [image_size] * rows, num_registers, vocab_size,
+                   dict(extra or {}))
 
     @property
-    def batch_size(self) -> int:
-        return int(self.ids.shape[0])
+    def model_id(self) -> str:
+        return self.model_fingerprint
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        return self.image_sizes[0]
 
     @property
     def num_tokens(self) -> int:
         """The longest row's k (every row's k unless ragged)."""
-        return int(self.ids.shape[1])
-
-    @property
-    def min_tokens(self) -> int:
-        return int(self.lengths.min())
-
-    @property
-    def is_ragged(self) -> bool:
-        return self.min_tokens != self.num_tokens
-
-    def rows(self) -> list[torch.Tensor]:
-        return [self.ids[i, : int(n)] for i, n in enumerate(self.lengths)]
+        return self.max_tokens
 
     def decode_input(self):
         """What ``pipe.detokenize`` takes: the [B,k] tensor, or a list of 1-D tensors when rows are ragged."""
         return self.rows() if self.is_ragged else self.ids
-
-    def with_ids(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> "FlexTokTokens":
-        return FlexTokTokens(ids, self.model_id, self.model_name, self.image_size, self.num_registers,
-                             self.vocab_size, dict(self.extra), lengths, self.sources)
 
     def truncate(self, k: int) -> "FlexTokTokens":
         """The first k tokens of every row; ragged rows shorter than k keep all theirs (k must not exceed the
@@ -154,7 +120,7 @@ class FlexTokTokens:
             raise ValueError(
                 f"k={k} is more than the {self.num_tokens} tokens in the input (model '{self.model_name}' makes "
                 f"{n} tokens per image); use k in 1..{self.num_tokens}")
-        return self.with_ids(self.ids[:, :k], self.lengths.clamp(max=k))
+        return dataclasses.replace(self, ids=self.ids[:, :k], lengths=self.lengths.clamp(max=k))
 
     def check_model(self, model_id: str, model_name: str) -> None:
         if self.model_id != model_id:
@@ -163,10 +129,6 @@ class FlexTokTokens:
                 f"(id {self.model_id[:12]}), but this node got '{model_name}' (id {model_id[:12]}). "
                 "Token ids only mean something to the model that made them; decode them with that model")
 
-    def to_token_file(self) -> TokenFile:
-        return TokenFile(self.ids, self.model_id, self.model_name, self.lengths, self.sources,
-                         [self.image_size] * self.batch_size, self.num_registers, self.vocab_size, dict(self.extra))
-
     @classmethod
     def from_token_file(cls, tf: TokenFile) -> "FlexTokTokens":
         sizes = set(tf.image_sizes)
@@ -174,8 +136,8 @@ class FlexTokTokens:
             shown = ", ".join("default" if s is None else f"{s[0]}x{s[1]}" for s in sorted(sizes, key=str))
             raise ValueError(f"the tokens describe images of several sizes ({shown}); a ComfyUI image batch has one "
                              "size: tokenize with `flextok tokenize --fit center-crop --size S`")
-        return cls(tf.ids, tf.model_fingerprint, tf.model_name or "?", sizes.pop(), tf.num_registers, tf.vocab_size,
-                   dict(tf.extra), tf.lengths, tf.sources)
+        fields = {f.name: getattr(tf, f.name) for f in dataclasses.fields(TokenFile)}
+        return cls(**dict(fields, model_name=tf.model_name or "?"))
 
     def __repr__(self):
         k = f"k={self.num_tokens}" if not self.is_ragged else f"k={self.min_tokens}..{self.num_tokens}"
@@ -185,7 +147,7 @@ class FlexTokTokens:
 
 def save_tokens(tokens: FlexTokTokens, path: str) -> None:
     """Write tokens as a FlexTok token file (see token_files.py), atomically."""
-    tokens.to_token_file().save(path)
+    tokens.save(path)
 
 
 def read_safetensors_metadata(path: str) -> dict | None:

@@ -184,7 +184,7 @@ def test_core_k_lists_and_tokens(tmp_path):
             core.parse_k_list(text, n=32)
     with pytest.raises(ValueError, match="more than the 8 tokens in the input"):
         core.parse_k_list("16", n=32, available=8)
-    tok = core.FlexTokTokens(torch.arange(64).view(2, 32), "a" * 32, "m", (128, 128), 32, 64000)
+    tok = core.FlexTokTokens.of(torch.arange(64).view(2, 32), "a" * 32, "m", (128, 128), 32, 64000)
     assert tok.truncate(4).ids.tolist() == [[0, 1, 2, 3], [32, 33, 34, 35]]
     with pytest.raises(ValueError, match="k=33 is more than the 32 tokens"):
         tok.truncate(33)

@@ -2,6 +2,8 @@
 checkpoints, progress bar and the final export."""
 from __future__ import annotations
 
+from functools import partial
+
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -11,6 +13,14 @@ import torch
 
 from .utils import (CheckpointManager, LoopState, MetricsLog, batches, logger, maybe_sleep, progress_bar,
                     reduce_sum, resolve_max_steps)
+
+
+def run_stage(run, train_step, evaluate, export, **kwargs) -> LoopState:
+    """:func:`training_loop` over a built ``TrainRun`` (utils.py), with a stage's ``train_step(run, batch, state)``,
+    ``evaluate(run)`` and ``export(run, state)`` bound to it; ``modules`` defaults to the run's train module."""
+    kwargs.setdefault("modules", [run.module])
+    return training_loop(run.accelerator, run.cfg, run.loader, partial(train_step, run), ckpt=run.ckpt,
+                         evaluate=partial(evaluate, run), export=partial(export, run), emas=run.emas, **kwargs)
 
 
 def training_loop(

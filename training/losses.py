@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 # the perceptual distance networks are the evaluation's (metrics.py); re-exported for repa.py
-from ..metrics import build_perceptual, import_object  # noqa: F401
 
 
 # -------------------------------------------------------------------------------------------------------------

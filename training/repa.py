@@ -133,7 +133,7 @@ def build_repa_target(cfg, grid: tuple[int, int], encoder: nn.Module | Callable 
         if name in REPA_ENCODERS:
             factory = REPA_ENCODERS[name]
         else:
-            from .losses import import_object
+            from ..metrics import import_object
 
             factory = import_object(name)
         import inspect

@@ -14,7 +14,6 @@ is also written to ``export.pipeline_dir`` (default ``output_dir/export_pipeline
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +21,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import config_from_argv
-from .data import fixed_batch, make_loader
-from .loop import training_loop
+from .config import config_from_argv, merged_defaults
+from .data import make_loader
+from .loop import run_stage
 from .models import count_params, save_pretrained_atomic
-from .utils import (CheckpointManager, LoopState, TrainRun, build_adamw, build_ema, ema_checkpoint_slots, logger,
-                    merged_defaults, optimizer_update, resolve_max_steps, start_run)
+from .utils import LoopState, TrainRun, logger, optimizer_update, start_run
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/ar",
@@ -187,10 +185,7 @@ class ARRun(TrainRun):
 def main(argv=None, cfg=None):
     if cfg is None:
         cfg = config_from_argv(argv, DEFAULTS, __doc__)
-    run = build_run(cfg)
-    return training_loop(run.accelerator, cfg, run.loader, partial(train_step, run), ckpt=run.ckpt,
-                         evaluate=partial(evaluate, run), export=partial(export, run), emas=run.emas,
-                         batch_size_of=lambda b: len(b["tokens"]), modules=[run.module])
+    return run_stage(build_run(cfg), train_step, evaluate, export, batch_size_of=lambda b: len(b["tokens"]))
 
 
 def build_models(cfg, dataset: TokenDataset, device):
@@ -213,8 +208,6 @@ def build_models(cfg, dataset: TokenDataset, device):
 def build_run(cfg) -> ARRun:
     """Accelerator, token data, models, optimizer, EMA and checkpoints, in the order that fixes the random streams:
     the global seed before the models, the per-rank seed after ``accelerator.prepare``."""
-    from accelerate.utils import set_seed
-
     accelerator = start_run(cfg, "train_ar")
     if not cfg.tokens:
         raise ValueError("tokens=... is required (a tokenize_dataset output folder)")
@@ -224,16 +217,8 @@ def build_run(cfg) -> ARRun:
     module = ARTrainModule(ar.train())
     loader = make_loader(dataset, int(cfg.data.batch_size), int(cfg.seed), bool(cfg.data.shuffle),
                          int(cfg.data.num_workers), collate_fn=collate_tokens)
-    optimizer = build_adamw(module.named_parameters(), cfg.optim)
-    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
-    raw = accelerator.unwrap_model(module)
-    ema, emas = build_ema(cfg.ema, raw.ar.parameters, device)
-    set_seed(int(cfg.seed), device_specific=True)  # per-rank training randomness (restored by load_state)
-    ckpt = CheckpointManager(accelerator, cfg.output_dir, int(cfg.keep_last), **ema_checkpoint_slots(accelerator, ema))
-    total = resolve_max_steps(cfg, loader)
-    fixed = fixed_batch(dataset, int(cfg.eval_batch_size), collate_fn=collate_tokens)
-    return ARRun(cfg=cfg, accelerator=accelerator, module=module, raw=raw, optimizer=optimizer, loader=loader, ema=ema,
-                 emas=emas, ckpt=ckpt, total_steps=total, fixed=fixed, text=text)
+    return ARRun.prepare(cfg, accelerator, module, loader, dataset, collate_tokens, lambda raw: raw.ar.parameters,
+                         text=text)
 
 
 def condition_of(run: ARRun, batch: dict) -> dict:

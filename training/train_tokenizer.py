@@ -17,7 +17,6 @@ encoded in ``cache.views`` deterministic crops, and the posterior (mean, logvar)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import config_from_argv
-from .data import DATA_DEFAULTS, build_dataset, fixed_batch, is_streaming, keyed_loader, make_loader, to_float
-from .loop import training_loop
+from .config import config_from_argv, merged_defaults
+from .data import DATA_DEFAULTS, build_dataset, is_streaming, keyed_loader, make_loader, to_float
+from .loop import run_stage
 from ..flextok_core.nested_dropout import sample_keep_k
 from .losses import build_mlp, repa_loss, sample_timesteps
 from .models import build_flextok, count_params, load_vae, save_pretrained_atomic, vae_downsample
 from .repa import build_repa_target
 from .shards import ShardReader, fingerprint, run_sharded
-from .utils import (CheckpointManager, LoopState, TrainRun, build_adamw, build_ema, ema_checkpoint_slots, logger,
-                    merged_defaults, optimizer_update, resolve_max_steps, start_run)
+from .utils import LoopState, TrainRun, logger, optimizer_update, start_run
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/tokenizer",
@@ -273,17 +271,13 @@ def main(argv=None, cfg=None, repa_encoder=None):
     """``repa_encoder``: optional module or factory overriding ``repa.encoder`` (Python API)."""
     if cfg is None:
         cfg = config_from_argv(argv, DEFAULTS, __doc__)
-    run = build_run(cfg, repa_encoder)
-    return training_loop(run.accelerator, cfg, run.loader, partial(train_step, run), ckpt=run.ckpt,
-                         evaluate=partial(evaluate, run), export=partial(export, run), emas=run.emas,
-                         batch_size_of=lambda b: len(b["index"]), modules=[run.module])
+    return run_stage(build_run(cfg, repa_encoder), train_step, evaluate, export,
+                     batch_size_of=lambda b: len(b["index"]))
 
 
 def build_run(cfg, repa_encoder=None) -> TokenizerRun:
     """Accelerator, frozen VAE, FlexTok + REPA, data (and latent cache), optimizer, EMA and checkpoints, in the
     order that fixes the random streams: the global seed before the models, the per-rank seed after ``prepare``."""
-    from accelerate.utils import set_seed
-
     accelerator = start_run(cfg, "train_tokenizer")
     if not cfg.vae.path:
         raise ValueError("vae.path is required (an AutoencoderKL folder such as train_vae's export, a pipeline "
@@ -297,18 +291,10 @@ def build_run(cfg, repa_encoder=None) -> TokenizerRun:
     flextok = build_flextok_model(cfg, vae, grid)
     module, repa = build_train_module(cfg, flextok, grid, device, repa_encoder)
     dataset, collate_fn, loader = build_data(accelerator, cfg, vae, with_pixels=repa is not None)
-    optimizer = build_adamw(module.named_parameters(), cfg.optim)
-    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
-    raw = accelerator.unwrap_model(module)
-    ema, emas = build_ema(cfg.ema, raw.flextok.parameters, device)
-    set_seed(int(cfg.seed), device_specific=True)  # per-rank training randomness (restored by load_state)
-    ckpt = CheckpointManager(accelerator, cfg.output_dir, int(cfg.keep_last), **ema_checkpoint_slots(accelerator, ema))
-    total = resolve_max_steps(cfg, loader)
-    fixed = fixed_batch(dataset, int(cfg.eval_batch_size), collate_fn=collate_fn)
-    return TokenizerRun(cfg=cfg, accelerator=accelerator, module=module, raw=raw, optimizer=optimizer, loader=loader,
-                        ema=ema, emas=emas, ckpt=ckpt, total_steps=total, fixed=fixed, vae=vae,
-                        scaling_factor=float(vae.config.scaling_factor), downsample=down, patch=patch,
-                        repa=repa)
+    return TokenizerRun.prepare(cfg, accelerator, module, loader, dataset, collate_fn,
+                                lambda raw: raw.flextok.parameters, vae=vae,
+                                scaling_factor=float(vae.config.scaling_factor), downsample=down, patch=patch,
+                                repa=repa)
 
 
 def patch_and_grid(cfg, down: int) -> tuple[int, tuple[int, int]]:

@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import config_from_argv
+from .config import config_from_argv, merged_defaults
 from .data import DATA_DEFAULTS, build_dataset, fixed_batch, make_loader, to_float
-from .loop import training_loop
+from .loop import run_stage
 from ..metrics import build_perceptual, psnr, ssim
 from .losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, kl_loss
 from .models import build_vae, count_params, load_vae, save_pretrained_atomic
 from .utils import (CheckpointManager, LoopState, TrainRun, build_adamw, build_ema, ema_checkpoint_slots, logger,
-                    merged_defaults, optimizer_update, resolve_max_steps, start_run)
+                    optimizer_update, resolve_max_steps, start_run)
 
 DEFAULTS = merged_defaults({
     "output_dir": "runs/vae",
@@ -94,9 +93,8 @@ def main(argv=None, cfg=None):
     if cfg is None:
         cfg = config_from_argv(argv, DEFAULTS, __doc__)
     run = build_run(cfg)
-    return training_loop(run.accelerator, cfg, run.loader, partial(train_step, run), ckpt=run.ckpt,
-                         evaluate=partial(evaluate, run), export=partial(export, run), emas=run.emas,
-                         modules=[run.module] + ([run.disc] if run.disc is not None else []))
+    return run_stage(run, train_step, evaluate, export,
+                     modules=[run.module] + ([run.disc] if run.disc is not None else []))
 
 
 def build_models(cfg) -> tuple[VAETrainModule, nn.Module | None, nn.Module | None]:

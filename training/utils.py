@@ -15,7 +15,6 @@ from typing import Any, Iterable
 import torch
 
 from ..flextok_core.fileio import atomic_write, remove_dir, replace_dir  # noqa: F401  (re-exported)
-from .config import COMMON_DEFAULTS, merged_defaults  # noqa: F401  (re-exported; they live in config)
 from .config import flatten, save_config
 
 logger = logging.getLogger("flextok_kit.training")
@@ -481,6 +480,27 @@ class TrainRun:
     ckpt: CheckpointManager
     total_steps: int                         # optimizer steps of the whole run (the LR schedule's length)
     fixed: dict | None = None                # the evaluation batch
+
+    @classmethod
+    def prepare(cls, cfg, accelerator, module, loader, eval_data, collate_fn, ema_params, **extra):
+        """What every stage does once its train module and data exist, in the order that fixes the random
+        streams: the optimizer, ``accelerator.prepare``, the EMA of ``ema_params(unwrapped module)``, the per-rank
+        seed, checkpoints, the run's length and the evaluation batch."""
+        from accelerate.utils import set_seed
+
+        from .data import fixed_batch
+
+        optimizer = build_adamw(module.named_parameters(), cfg.optim)
+        module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+        raw = accelerator.unwrap_model(module)
+        ema, emas = build_ema(cfg.ema, ema_params(raw), accelerator.device)
+        set_seed(int(cfg.seed), device_specific=True)  # per-rank training randomness (restored by load_state)
+        ckpt = CheckpointManager(accelerator, cfg.output_dir, int(cfg.keep_last),
+                                 **ema_checkpoint_slots(accelerator, ema))
+        total = resolve_max_steps(cfg, loader)
+        fixed = fixed_batch(eval_data, int(cfg.eval_batch_size), collate_fn=collate_fn)
+        return cls(cfg=cfg, accelerator=accelerator, module=module, raw=raw, optimizer=optimizer, loader=loader,
+                   ema=ema, emas=emas, ckpt=ckpt, total_steps=total, fixed=fixed, **extra)
 
     @property
     def device(self):

@@ -1,8 +1,8 @@
-"""Packaging checks of the bad-input suite: importing the library never imports ComfyUI.
+"""Packaging: importing the library never imports ComfyUI (the package is a ComfyUI node pack and a library).
 
-The bad-input tests themselves live by subject: tests/test_bad_checkpoints.py (official and diffusers-format
-checkpoints, configs, weights, VAE folders, save targets), tests/test_bad_pipeline_inputs.py (images, tokens,
-sampling settings) and tests/test_cli_bad_input.py (the command line: one error line, exit status 2).
+Bad-input tests live by subject: tests/test_bad_checkpoints.py (checkpoints, configs, weights, VAE folders, save
+targets), tests/test_bad_pipeline_inputs.py (images, tokens, sampling settings), tests/test_cli_bad_input.py (the
+command line: one error line, exit status 2); the repository's layout rules are in tests/test_layout.py.
 """
 from __future__ import annotations
 
