@@ -74,6 +74,37 @@ def load_fitted(path: Path, pipe, fit: str, size: int | None):
 
 
 # -- model ------------------------------------------------------------------------------------------
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(name: str) -> str:
+    """``--device``: ``auto`` = cuda, then mps (Apple silicon), then cpu; any other name as given."""
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """``--dtype`` of the tokenizer and AR model (the VAE always runs in float32): ``auto`` = float32 on the CPU;
+    on a GPU bfloat16 where the device supports it, else float16."""
+    import torch
+
+    if name != "auto":
+        return name
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if kind == "mps":  # bfloat16 needs macOS 14 on Apple silicon
+        newer = getattr(torch.backends.mps, "is_macos_or_newer", None)
+        return "bfloat16" if newer is not None and newer(14, 0) else "float16"
+    return "float32"
+
+
 def load_pipeline(args):
     import torch
 
@@ -88,10 +119,16 @@ def load_pipeline(args):
         pipe = FlexTokPipeline.load(args.model)
     except (ValueError, OSError) as e:
         raise CLIError(str(e)) from e
+    args.device = resolve_device(args.device)
+    args.dtype = resolve_dtype(args.dtype, args.device)  # the resolved name is what token files record
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    if dtype != pipe.flextok.dtype:
-        pipe.flextok.to(dtype=dtype)  # the VAE stays in float32, as the release runs it
-    pipe.to(args.device)
+    for model in (pipe.flextok, pipe.ar_model):  # the VAE stays in float32, as the release runs it
+        if model is not None and dtype != model.dtype:
+            model.to(dtype=dtype)
+    try:
+        pipe.to(args.device)
+    except (RuntimeError, AssertionError) as e:  # torch's "not compiled with CUDA", an unknown device string
+        raise CLIError(f"--device {args.device}: {e}") from e
     return pipe
 
 
@@ -129,12 +166,21 @@ def cmd_convert(args):
 def cmd_tokenize(args):
     from tqdm import tqdm
 
+    auto = checked_auto(args)  # before the model loads: a bad --auto costs nothing
     pipe = load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
     n = pipe.num_registers
     k = n if args.num_tokens is None else args.num_tokens
     if not 1 <= k <= n:
         raise CLIError(f"--num-tokens must be in 1..{n}")
+    if auto is not None:
+        from .pipelines.token_budget import check_candidates
+
+        try:
+            auto["candidates"] = check_candidates(args.candidates, n)
+        except ValueError as e:
+            raise CLIError(f"--candidates: {e}") from None
+        k = auto["candidates"][-1]  # tokenized up to the largest candidate, then cut per image
     out = Path(args.out)
     sharded = out.suffix != ".safetensors"
     if not sharded and (args.shard_size or args.resume):
@@ -143,15 +189,59 @@ def cmd_tokenize(args):
     paths = find_images(args.inputs)
     # every input is opened (header only) and size-checked before anything is tokenized or written
     sizes = [fitted_size(*probe_image_size(p), pipe, args.fit, args.size, p) for p in paths]
-    job = TokenizeJob(pipe, args, paths, sizes, k)
+    job = TokenizeJob(pipe, args, paths, sizes, k, auto)
+    shape = f"{len(paths)} x {k}" if auto is None else f"{len(paths)} rows of (per image) 1..{k}"
     with tqdm(total=len(paths), desc="tokenize", unit="img", disable=args.quiet) as job.bar:
         if not sharded:
             job.tokens(0, len(paths)).save(out)
-            print(f"wrote {len(paths)} x {k} token ids to {out}")
-            return
-        done = write_token_shards(job, out, args.shard_size or DEFAULT_SHARD_SIZE, args.resume)
-    print(f"wrote {len(paths)} x {k} token ids to {out}/ ({done['written']} shard(s) written, {done['skipped']} "
-          "already done)")
+            print(f"wrote {shape} token ids to {out}")
+        else:
+            done = write_token_shards(job, out, args.shard_size or DEFAULT_SHARD_SIZE, args.resume)
+            print(f"wrote {shape} token ids to {out}/ ({done['written']} shard(s) written, {done['skipped']} "
+                  "already done)")
+    if auto is not None:
+        print(auto_summary(out, sharded))
+
+
+def checked_auto(args) -> dict | None:
+    """``--auto METRIC:TARGET`` (with ``--candidates``, ``--search``) checked before anything runs; None without."""
+    if args.auto is None:
+        if args.candidates or args.search:
+            raise CLIError("--candidates and --search go with --auto METRIC:TARGET (e.g. --auto psnr:28)")
+        return None
+    if args.num_tokens is not None:
+        raise CLIError("--auto chooses each image's number of tokens: leave out --num-tokens (--candidates limits "
+                       "the choice)")
+    from .pipelines.token_budget import METRICS, parse_auto
+
+    try:
+        metric, target = parse_auto(args.auto)
+    except (ValueError, ImportError) as e:
+        raise CLIError(str(e)) from None
+    return {"metric": metric, "target": target, "higher_is_better": METRICS[metric].higher_is_better,
+            "search": args.search or "ascending", "steps": args.steps, "guidance": args.guidance,
+            "apg": not args.no_apg}
+
+
+def auto_summary(out: Path, sharded: bool) -> str:
+    """What ``--auto`` chose, from the written file(s): mean k, how many images reached the target, the histogram of
+    the chosen k and the decoder passes per image."""
+    from .token_files import load, shard_files
+
+    rows, auto = [], {}
+    for path in (shard_files(out) if sharded else [out]):
+        auto = load(path).extra["auto"]
+        rows += auto["rows"]
+    ks, cands = [r["k"] for r in rows], auto["candidates"]
+    op = ">=" if auto["higher_is_better"] else "<="
+    lines = [f"auto {auto['metric']} {op} {auto['target']:g}: mean k {sum(ks) / len(ks):.2f} (candidates "
+             f"{', '.join(map(str, cands))}); {sum(r['reached'] for r in rows)} of {len(rows)} image(s) reach the "
+             f"target, the others keep {cands[-1]} tokens",
+             f"decoder passes per image: mean {sum(r['decoder_passes'] for r in rows) / len(rows):.2f} "
+             f"({auto['search']} search over {len(cands)} candidates)", "chosen k   images"]
+    width = max(ks.count(k) for k in cands)
+    lines += [f"{k:8d}   {ks.count(k):6d}  {'#' * round(40 * ks.count(k) / width)}".rstrip() for k in cands]
+    return "\n".join(lines)
 
 
 DEFAULT_SHARD_SIZE = 1000
@@ -164,8 +254,9 @@ class TokenizeJob:
     posterior noise of a range is seeded from (--seed, its start), so a shard rewritten after an interrupt gets
     the same ids."""
 
-    def __init__(self, pipe, args, paths, sizes, k):
+    def __init__(self, pipe, args, paths, sizes, k, auto: dict | None = None):
         self.pipe, self.args, self.paths, self.sizes, self.k = pipe, args, paths, sizes, k
+        self.auto, self.chosen = auto, {}  # --auto settings; row -> what the search chose for it
         self.fingerprint = pipe.fingerprint
         self.bar = None
         # what determines the ids: a shard folder is resumed only with the same of all of these
@@ -174,6 +265,8 @@ class TokenizeJob:
                          "files_sha256": files, "fit": args.fit, "size": args.size,
                          "deterministic": args.deterministic, "seed": args.seed, "batch_size": args.batch_size,
                          "dtype": args.dtype}
+        if auto is not None:  # (only then: shard folders of earlier fixed-k runs keep their fingerprint)
+            self.settings["auto"] = auto
 
     def tokens(self, start: int, end: int):
         import torch
@@ -191,18 +284,38 @@ class TokenizeJob:
                 loaded = [(i, load_fitted(self.paths[i], self.pipe, args.fit, args.size)) for i in batch]
                 for size in dict.fromkeys(im.size for _, im in loaded):  # one tensor per size, should a probe be off
                     part = [(i, im) for i, im in loaded if im.size == size]
-                    ids = self.pipe.tokenize(to_tensor([im for _, im in part]), num_tokens=self.k, generator=generator,
-                                             sample_posterior=False if args.deterministic else None).cpu()
+                    x = to_tensor([im for _, im in part])
+                    ids = self.pipe.tokenize(x, num_tokens=self.k, generator=generator,
+                                             sample_posterior=False if args.deterministic else None)
+                    ids = ids.cpu() if self.auto is None else self.auto_rows([i for i, _ in part], x, ids)
                     for (i, _), row in zip(part, ids):
                         rows[i], image_sizes[i] = row, (size[1], size[0])
                 if self.bar is not None:
                     self.bar.update(len(batch))
         order = range(start, end)
-        return TokenFile(torch.stack([rows[i] for i in order]), self.fingerprint, str(args.model),
-                         sources=[str(self.paths[i]) for i in order], image_sizes=[image_sizes[i] for i in order],
-                         num_registers=self.pipe.num_registers, vocab_size=self.pipe.flextok.vocab_size,
-                         extra={"tokenize": {key: self.settings[key] for key in
-                                             ("fit", "size", "deterministic", "seed", "dtype")}})
+        extra = {"tokenize": {key: self.settings[key] for key in ("fit", "size", "deterministic", "seed", "dtype")}}
+        if self.auto is not None:  # per row (in this file's order): the chosen k, its score, the decoder passes
+            extra["auto"] = dict(self.auto, rows=[self.chosen[i] for i in order])
+        return TokenFile.from_rows([rows[i] for i in order], self.fingerprint, model_name=str(args.model),
+                                   sources=[str(self.paths[i]) for i in order],
+                                   image_sizes=[image_sizes[i] for i in order], num_registers=self.pipe.num_registers,
+                                   vocab_size=self.pipe.flextok.vocab_size, extra=extra)
+
+    def auto_rows(self, indices, x, ids) -> list:
+        """--auto: each image's shortest prefix reaching the target. Row i's noise is seeded ``--seed + i`` at every
+        candidate, as ``flextok detokenize --seed`` seeds row i: detokenizing the file with the same --seed, --steps,
+        --guidance and APG setting gives the images that were scored."""
+        import torch
+
+        from .pipelines.token_budget import choose_tokens
+
+        args, auto = self.args, self.auto
+        budget = choose_tokens(self.pipe, x, auto["target"], auto["metric"], auto["candidates"], search=auto["search"],
+                               ids=ids, generator=[torch.Generator().manual_seed(args.seed + i) for i in indices],
+                               num_inference_steps=args.steps, guidance_scale=args.guidance, use_apg=not args.no_apg,
+                               decode_batch_size=args.decode_batch_size)
+        self.chosen.update(zip(indices, budget.per_image()))
+        return [t.cpu() for t in budget.tokens]
 
 
 def write_token_shards(job: TokenizeJob, out: Path, shard_size: int, resume: bool) -> dict:
@@ -513,8 +626,11 @@ def model_options(p, positional=False):
     else:
         p.add_argument("--model", default=os.environ.get("FLEXTOK_MODEL"),
                        help="our diffusers folder, an official FlexTok folder, or a hub id ($FLEXTOK_MODEL)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto",
+                   help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:1, mps, ...")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
+                   help="of the tokenizer and AR model; auto (default): float32 on the CPU, bfloat16 on GPUs that "
+                        "support it, else float16; the VAE runs in float32")
 
 
 def image_options(p):
@@ -560,6 +676,16 @@ def add_tokenize_parser(sub):
     p.add_argument("--num-tokens", type=int, help="keep the first k tokens (default: all)")
     p.add_argument("--deterministic", action="store_true",
                    help="encode the VAE posterior mean instead of a sample (the release samples)")
+    p.add_argument("--auto", metavar="METRIC:TARGET",
+                   help="per image, the fewest tokens whose reconstruction reaches the target: psnr:28 (dB), ssim:0.8 "
+                        "or lpips:0.2 (ST-LPIPS, lower is better); ragged rows, each row's k and score in the "
+                        "metadata. Decodes with --steps/--guidance/--no-apg, row i's noise seeded --seed + i")
+    p.add_argument("--candidates", type=int, nargs="+", metavar="K",
+                   help="--auto: the token counts to choose from (default: 1 2 4 ... N)")
+    p.add_argument("--search", choices=["ascending", "bisect"],
+                   help="--auto: try candidates from the smallest (default; exact) or bisect (fewer decodes; the same "
+                        "choice when quality does not drop with more tokens)")
+    decoder_options(p)
     p.set_defaults(func=cmd_tokenize)
 
 

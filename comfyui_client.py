@@ -349,6 +349,9 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, list[float]]) 
 # ---------------------------------------------------------------------------------------------- UI -> API format
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# inputs the frontend adds to a node's prompt from widgets of its own (not in object_info, not in widgets_values):
+# Preview as Text's display box; the server ignores them
+FRONTEND_INPUTS = {"PreviewAny": {"preview": ""}}
 
 
 def retarget_workflow(ui: dict, model: str | None = None, image: str | None = None) -> dict:
@@ -370,7 +373,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     POST /prompt takes, following the frontend's rules: widget inputs take their value from ``widgets_values`` in
     input order (an INT/COMBO with ``control_after_generate``, or an INT named seed/noise_seed without an explicit
     flag, is followed by its control value, which is skipped), linked inputs become ``[source id, output slot]``;
-    notes are dropped; muted (mode 2) and bypassed (mode 4) nodes are not supported."""
+    notes are dropped; muted (mode 2) and bypassed (mode 4) nodes are not supported; frontend-only inputs
+    (:data:`FRONTEND_INPUTS`) are added as the frontend adds them."""
     links = {link[0]: link for link in ui.get("links", [])}
     prompt = {}
     for node in ui["nodes"]:
@@ -387,7 +391,7 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         order = info.get("input_order", {})
         names = list(order.get("required", [])) + list(order.get("optional", [])) if order else list(specs)
         values = list(node.get("widgets_values") or [])
-        inputs, i = {}, 0
+        inputs, i = dict(FRONTEND_INPUTS.get(kind, {})), 0
         for name in names:
             spec = specs[name]
             kind_ = spec[0]

@@ -27,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from .layers import SwiGLU, swiglu_hidden_dim
 from .checks import check_float, check_int
 from .guidance import GUIDANCE_SCHEDULES, cfg_logits, check_guidance_scale, guidance_scales
+from .rng import host_values, multinomial, rand
 
 # Paper AR sizes: depth d, width 64 d, head_dim 64 (d heads), SwiGLU hidden int(8 width / 3). The paper's
 # counts are the transformer blocks alone, which these match; the 64000-token embedding adds 64000 * width once
@@ -185,10 +187,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits ``[B, V]`` -> token ids ``[B]``; one ``torch.multinomial`` draw per call (seedable)."""
+                  generator=None) -> torch.Tensor:
+    """logits ``[B, V]`` -> token ids ``[B]`` on the logits' device; one ``torch.multinomial`` draw per call on the
+    generator's device (a CPU generator for a GPU model is fine; a list draws row i from generator i)."""
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+    return multinomial(logits.softmax(dim=-1), generator)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -359,16 +362,17 @@ class FlexTokAR(ModelMixin, ConfigMixin):
         return F.linear(h, self.tok_emb.weight if self.head is None else self.head.weight)
 
     def forward(self, tokens: torch.Tensor, class_labels=None, text_states=None, text_mask=None,
-                null_condition_mask: torch.Tensor | None = None) -> torch.Tensor:
+                null_condition_mask: torch.Tensor | None = None, generator=None) -> torch.Tensor:
         """Teacher forcing: tokens ``[B, L]`` -> logits ``[B, L, vocab]``, ``logits[:, i]`` predicting ``tokens[:, i]``
-        from the condition and ``tokens[:, :i]``."""
+        from the condition and ``tokens[:, :i]``. ``generator`` (CPU or the model's device) seeds the condition
+        dropout of train mode."""
         if tokens.dim() != 2 or not 1 <= tokens.shape[1] <= self.config.max_tokens:
             raise ValueError(f"tokens must be [B, L] with 1 <= L <= {self.config.max_tokens}, "
                              f"got {tuple(tokens.shape)}")
         self._check_condition(class_labels, text_states, text_mask, batch=tokens.shape[0])
         drop_prob = self.config.text_dropout_prob if self.is_text_conditional else self.config.class_dropout_prob
         if self.training and drop_prob > 0:
-            dropped = torch.rand(tokens.shape[0], device=tokens.device) < drop_prob
+            dropped = rand((tokens.shape[0],), generator, device=tokens.device) < drop_prob
             null_condition_mask = dropped if null_condition_mask is None else dropped | null_condition_mask
         prefix, valid = self.embed_prefix(class_labels, text_states, text_mask, null_condition_mask)
         p = prefix.shape[1]
@@ -377,27 +381,28 @@ class FlexTokAR(ModelMixin, ConfigMixin):
         return self._logits(h[:, p - 1 :])  # rows P-1 .. P+L-2 predict t_0 .. t_{L-1}: [B, L, V]
 
     def loss(self, tokens: torch.Tensor, class_labels=None, text_states=None, text_mask=None,
-             null_condition_mask: torch.Tensor | None = None) -> torch.Tensor:
+             null_condition_mask: torch.Tensor | None = None, generator=None) -> torch.Tensor:
         """Mean next-token cross-entropy over all ``B * L`` tokens."""
-        logits = self(tokens, class_labels, text_states, text_mask, null_condition_mask)
+        logits = self(tokens, class_labels, text_states, text_mask, null_condition_mask, generator)
         return F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
 
     # -- sampling -----------------------------------------------------------------------------------
     def _validate_generate(self, class_labels, text_states, text_mask, num_tokens, guidance_scale,
                            guidance_schedule, temperature, top_k, top_p):
         self._check_condition(class_labels, text_states, text_mask)
+        # host checks (one read of the user's labels / mask, no device arithmetic)
         if not self.is_text_conditional:
-            bad = (class_labels < 0) | (class_labels >= self.config.num_classes)
-            if bool(bad.any()):
-                raise ValueError(f"class ids must be in [0, {self.config.num_classes}); got "
-                                 f"{class_labels[bad].tolist()}")
-        elif text_mask is not None and not bool(text_mask.bool().any(dim=1).all()):
+            bad = [c for c in host_values(class_labels) if not 0 <= c < self.config.num_classes]
+            if bad:
+                raise ValueError(f"class ids must be in [0, {self.config.num_classes}); got {bad}")
+        elif text_mask is not None and not all(any(row) for row in host_values(text_mask)):
             raise ValueError("every text_mask row needs at least one valid token (for no text use the null "
                              "condition via guidance instead)")
         check_int("num_tokens", num_tokens, 1, self.config.max_tokens)
         return check_ar_sampling(guidance_scale, guidance_schedule, temperature, top_k, top_p)
 
     @torch.no_grad()
+    @apply_forward_hook
     def generate(
         self,
         class_labels=None,
@@ -409,7 +414,7 @@ class FlexTokAR(ModelMixin, ConfigMixin):
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         use_cache: bool = True,
     ) -> torch.LongTensor:
         """Sample token ids ``[B, num_tokens]`` (default ``max_tokens``), coarse to fine.
@@ -417,8 +422,10 @@ class FlexTokAR(ModelMixin, ConfigMixin):
         class_labels ``[B]`` ints in ``[0, num_classes)`` or text_states ``[B, S, text_dim]`` (+ text_mask
         ``[B, S]``, 1 = real token), per the config. ``guidance_scale != 1`` runs the null condition alongside in
         one doubled batch: ``logits = null + s_i * (cond - null)``, ``s_i`` per :func:`.guidance.guidance_scales`. Then
-        temperature, top-k, top-p, and one ``torch.multinomial(generator=generator)`` draw per token.
-        ``use_cache=False`` recomputes the whole sequence every step (reference path, same tokens).
+        temperature, top-k, top-p, and one ``torch.multinomial(generator=generator)`` draw per token, on the
+        generator's device (CPU or the model's; a list of ``B`` generators draws sample i from generator i).
+        ``use_cache=False`` recomputes the whole sequence every step (reference path, same tokens). Under
+        ``enable_model_cpu_offload`` the model's hook moves it to the execution device first.
         """
         device = self.device
         if class_labels is not None:  # also accept a list, an array or a single int

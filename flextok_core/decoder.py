@@ -15,8 +15,19 @@ from torch import nn
 
 from .layers import Attention, SwiGLU, layer_norm, patchify, sincos_2d, swiglu_hidden_dim, timestep_frequencies, unpatchify
 from .registers import RegisterSequences, build_register_sequences, mask_dropped
+from .rng import on_device
 
 Groups = list  # [(batch, length, attention mask or None)] -- see layers.Attention
+
+
+def key_bias_mask(bias: torch.Tensor, num_patches: int, dtype: torch.dtype) -> torch.Tensor:
+    """The fast path's key bias ``[B, R]`` as SDPA's float mask ``[B, 1, 1, P+R]`` (0 on the patch keys), in
+    ``dtype`` (SDPA's fused kernels take a float mask of the query's dtype). Its rows are stored 16 elements
+    aligned: CUDA's memory-efficient kernel, the one that takes a float mask, wants an aligned row stride (PyTorch
+    would otherwise copy the mask into an aligned buffer at every call)."""
+    length = num_patches + bias.shape[1]
+    aligned = -(-length // 16) * 16
+    return F.pad(bias.to(dtype), (num_patches, aligned - length))[:, None, None, :length]
 
 
 def _split_types(t: torch.Tensor, groups: Groups, num_patches: int):
@@ -121,18 +132,19 @@ class FlexTokDecoder(nn.Module):
     def prepare_registers(
         self,
         values: torch.Tensor,
-        keep_k: torch.Tensor,
+        keep_k,
         guidance: bool = False,
         fast: bool = True,
-        null_condition_mask: torch.Tensor | None = None,
+        null_condition_mask=None,
     ) -> RegisterSequences:
         """Build the register sequences of the conditional (and, if ``guidance``, unconditional) pass
         (:func:`.registers.build_register_sequences`).
 
         values: FSQ values ``[B, N, 6]`` (positions >= keep_k are ignored); keep_k: ``[B]`` in 1..N;
-        null_condition_mask: ``[B]`` bool, samples whose conditional pass is unconditional (CFG dropout).
+        null_condition_mask: ``[B]`` bool, samples whose conditional pass is unconditional (CFG dropout). Both may
+        be tensors on any device or host values (CPU tensors, lists), which size the sequences without a device read.
         """
-        tokens = self.embed_registers(values, keep_k)
+        tokens = self.embed_registers(values, on_device(keep_k, values.device))
         return build_register_sequences(tokens, keep_k, self.mask_token, self.null_cond, guidance=guidance, fast=fast,
                                         null_condition_mask=null_condition_mask)
 
@@ -169,7 +181,7 @@ class FlexTokDecoder(nn.Module):
             seq = torch.cat([patches, tokens.expand(b, -1, -1)], dim=1)  # [B, P+R, D]
             mask = None
             if bias is not None:
-                mask = F.pad(bias.to(seq.dtype), (num_patches, 0))[:, None, None, :]  # [B, 1, 1, P+R]
+                mask = key_bias_mask(bias, num_patches, seq.dtype)  # [B, 1, 1, P+R]
             groups.append((b, seq.shape[1], mask))
             seqs.append(seq.flatten(0, 1))
         x = seqs[0] if len(seqs) == 1 else torch.cat(seqs)  # packed [T, D]

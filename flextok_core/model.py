@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from .decoder import FlexTokDecoder
 from .encoder import FlexTokEncoder
@@ -16,6 +17,10 @@ class FlexTokModel(ModelMixin, ConfigMixin):
 
     The VAE itself is a separate ``AutoencoderKL``; ``sample_posterior`` records whether the tokenizer was
     trained on (and the release encodes with) posterior samples rather than the posterior mean.
+
+    Every compute method, not only ``forward``, first fires an accelerate offload hook when one is attached
+    (``apply_forward_hook``, as ``AutoencoderKL.encode``/``decode``), so ``enable_model_cpu_offload`` moves the
+    weights to the execution device before ``encode``, ``prepare_registers`` or ``timestep_modulation`` computes.
     """
 
     config_name = "config.json"
@@ -68,37 +73,46 @@ class FlexTokModel(ModelMixin, ConfigMixin):
         return gh * self.config.patch_size, gw * self.config.patch_size
 
     # -- tokenizing -----------------------------------------------------------------------------------
+    @apply_forward_hook
     def encode(self, latents: torch.Tensor, num_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """VAE latents ``[B,C,h,w]`` -> (FSQ values ``[B,k,6]``, ids ``[B,k]``) for the first ``k`` tokens."""
         return self.fsq(self.encoder(latents, num_tokens))
 
+    @apply_forward_hook
     def pre_quantization(self, latents: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
         """The encoder's register outputs before FSQ ``[B,k,6]`` (training monitors look at these)."""
         return self.encoder(latents, num_tokens)
 
+    @apply_forward_hook
     def register_values(self, latents: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
         """Quantized register values ``[B,k,6]`` with the straight-through gradient (training)."""
         return self.fsq.quantize(self.encoder(latents, num_tokens))
 
     # -- detokenizing ---------------------------------------------------------------------------------
-    def prepare_registers(self, ids: torch.Tensor, keep_k: torch.Tensor, guidance: bool, fast: bool = True
+    @apply_forward_hook
+    def prepare_registers(self, ids: torch.Tensor, keep_k, guidance: bool, fast: bool = True
                           ) -> RegisterSequences:
-        """Token ids ``[B, k_max]`` (right-padded) with per-sample lengths ``keep_k [B]`` -> decoder registers."""
+        """Token ids ``[B, k_max]`` (right-padded) with per-sample lengths ``keep_k [B]`` -> decoder registers.
+
+        ``keep_k``: a tensor on any device or a list of ints; host values (a CPU tensor or a list, as the pipeline
+        passes) size the fast path's sequences without reading the device."""
         b, k = ids.shape
         n = self.config.num_registers
         padded = torch.zeros(b, n, dtype=torch.long, device=ids.device)
         padded[:, :k] = ids
         values = self.fsq.ids_to_values(padded)
-        return self.decoder.prepare_registers(values, keep_k.to(ids.device), guidance=guidance, fast=fast)
+        return self.decoder.prepare_registers(values, keep_k, guidance=guidance, fast=fast)
 
-    def registers_from_values(self, values: torch.Tensor, keep_k: torch.Tensor, guidance: bool = False,
-                              fast: bool = True, null_condition_mask: torch.Tensor | None = None
-                              ) -> RegisterSequences:
+    @apply_forward_hook
+    def registers_from_values(self, values: torch.Tensor, keep_k, guidance: bool = False,
+                              fast: bool = True, null_condition_mask=None) -> RegisterSequences:
         """FSQ values ``[B,N,6]`` (training: they carry the encoder's gradient) with nested-dropout lengths
-        ``keep_k [B]`` -> decoder registers; ``null_condition_mask [B]`` drops the condition (CFG dropout)."""
+        ``keep_k [B]`` -> decoder registers; ``null_condition_mask [B]`` drops the condition (CFG dropout). Both may
+        be host values (CPU tensors or lists): see :meth:`prepare_registers`."""
         return self.decoder.prepare_registers(values, keep_k, guidance=guidance, fast=fast,
                                               null_condition_mask=null_condition_mask)
 
+    @apply_forward_hook
     def timestep_modulation(self, t: torch.Tensor) -> list[torch.Tensor]:
         """The decoder's adaLN modulation for timesteps ``t [T]``, computed once per sampling run (it depends on
         t alone); pass ``[m[i:i+1] for m in mods]`` as ``modulation`` at step i."""

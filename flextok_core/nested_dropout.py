@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from .rng import randint
+
 
 def keep_k_choices(num_registers: int, mode: str = "pow2") -> torch.Tensor:
     if mode == "pow2":
@@ -23,11 +25,11 @@ def keep_k_choices(num_registers: int, mode: str = "pow2") -> torch.Tensor:
 
 def sample_keep_k(batch: int, num_registers: int, mode: str = "pow2", device=None, generator=None) -> torch.Tensor:
     """Nested dropout: number of kept registers per sample, uniform over ``{1, 2, 4, ..., N}`` (``pow2``, the paper)
-    or ``{1..N}`` (``uniform``); ``none`` keeps all."""
+    or ``{1..N}`` (``uniform``); ``none`` keeps all. Drawn on the generator's device (the CPU without one) and
+    returned on ``device`` (default: the CPU, host values that size the decoder's sequences without a device read)."""
     choices = keep_k_choices(num_registers, mode)
-    idx = torch.randint(len(choices), (batch,), generator=generator, device="cpu" if generator is None else
-                        generator.device)
-    return choices[idx.cpu()].to(device)
+    idx = randint(len(choices), (batch,), generator, device="cpu")
+    return choices[idx].to(device)
 
 
 __all__ = ["keep_k_choices", "sample_keep_k"]

@@ -224,14 +224,105 @@ class FlexTokEncode(io.ComfyNode):
     def execute(cls, flextok_model, image, fit, posterior_seed) -> io.NodeOutput:
         pipe = flextok_model.ready()
         x = fit_images(image, flextok_model.image_size, fit, check=pipe._check_image_size)
-        size = tuple(x.shape[-2:])
-        bar = comfy.utils.ProgressBar(x.shape[0])
-        ids = []
-        for i, gen in enumerate(_generators(posterior_seed, x.shape[0])):
-            mm.throw_exception_if_processing_interrupted()
-            ids.append(pipe.tokenize(x[i:i + 1] * 2 - 1, generator=gen).cpu())
-            bar.update(1)
-        return io.NodeOutput(flextok_model.make_tokens(torch.cat(ids), size))
+        ids = _encode_each(pipe, x, posterior_seed)
+        return io.NodeOutput(flextok_model.make_tokens(ids, tuple(x.shape[-2:])))
+
+
+def _encode_each(pipe, x: torch.Tensor, posterior_seed: int, num_tokens: int | None = None) -> torch.Tensor:
+    """Images [B,3,h,w] in [0,1] -> ids [B,k] on the CPU, image i tokenized alone with posterior seed + i."""
+    bar = comfy.utils.ProgressBar(x.shape[0])
+    ids = []
+    for i, gen in enumerate(_generators(posterior_seed, x.shape[0])):
+        mm.throw_exception_if_processing_interrupted()
+        ids.append(pipe.tokenize(x[i:i + 1] * 2 - 1, num_tokens=num_tokens, generator=gen).cpu())
+        bar.update(1)
+    return torch.cat(ids)
+
+
+AUTO_METRICS = ["psnr", "ssim", "lpips"]
+
+
+class FlexTokAutoTokens(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FlexTokAutoTokens", display_name="FlexTok Auto Tokens", category=CATEGORY,
+            description="Images -> per image the fewest tokens whose reconstruction reaches a quality target (the "
+                        "smallest candidate k that does; the largest when none does). Decode with the same steps, "
+                        "guidance, APG and seed to see the images that were scored.",
+            inputs=[
+                FlexTokModelType.Input("flextok_model"),
+                io.Image.Input("image"),
+                io.Combo.Input("metric", options=AUTO_METRICS, default="psnr",
+                               tooltip="psnr (dB) and ssim: higher is better; lpips (ST-LPIPS, needs the "
+                                       "stlpips-pytorch wheel): lower is better"),
+                io.Float.Input("target", default=20.0, min=-1.0, max=100.0, step=0.01, round=0.0001,
+                               tooltip="the quality to reach: e.g. psnr 28 (dB), ssim 0.8 (-1..1), lpips 0.2 (>= 0)"),
+                io.String.Input("candidates", default="",
+                                tooltip="token counts to choose from, e.g. '1,4,16,64,256'; empty = 1, 2, 4, ... N"),
+                io.Combo.Input("fit", options=list(FIT_MODES), default="center-crop",
+                               tooltip="as in FlexTok Encode"),
+                io.Int.Input("posterior_seed", default=0, min=0, max=MAX_SEED, control_after_generate=False,
+                             tooltip="seed of the VAE posterior sample, as in FlexTok Encode (image i: seed + i)"),
+                *_sampling_inputs(),
+            ],
+            outputs=[FlexTokTokensType.Output(display_name="tokens"), io.String.Output(display_name="chosen_k")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, metric=None, target=None, candidates=None, fit=None):
+        from ..pipelines.token_budget import METRICS, check_target
+
+        checks = [_check_choice("metric", metric, AUTO_METRICS),
+                  True if fit is None or fit in FIT_VALUES else _check_choice("fit", fit, FIT_MODES)]
+        for result in checks:
+            if result is not True:
+                return result
+        try:
+            if metric is not None and target is not None:
+                check_target(METRICS[metric], target)
+        except ValueError as e:
+            return f"{e} for metric {metric}"
+        try:
+            if candidates is not None and str(candidates).strip():
+                parse_k_list(candidates, MAX_TOKENS)
+        except ValueError as e:
+            return "candidates: " + str(e).replace("k_values: ", "").replace("k_values", "the list")
+        return True
+
+    @classmethod
+    def execute(cls, flextok_model, image, metric, target, candidates, fit, posterior_seed, steps, guidance_scale,
+                use_apg, seed) -> io.NodeOutput:
+        from ..pipelines.token_budget import check_candidates, choose_tokens
+
+        n = flextok_model.num_registers
+        ks = parse_k_list(candidates, n) if str(candidates).strip() else None
+        ks = check_candidates(ks, n)
+        pipe = flextok_model.ready()
+        x = fit_images(image, flextok_model.image_size, fit, check=pipe._check_image_size)
+        ids = _encode_each(pipe, x, posterior_seed, num_tokens=ks[-1])
+        # image i's noise: seed + i at every candidate, as FlexTok Decode seeds image i
+        budget = choose_tokens(pipe, x * 2 - 1, float(target), metric, ks, ids=ids,
+                               generator=_generators(seed, x.shape[0]), num_inference_steps=int(steps),
+                               guidance_scale=float(guidance_scale), use_apg=bool(use_apg),
+                               callback_on_step_end=_progress_callback(int(steps) * len(ks)))
+        tokens = FlexTokTokens.from_rows(
+            [t.cpu() for t in budget.tokens], flextok_model.identity, model_name=flextok_model.name,
+            image_sizes=[tuple(x.shape[-2:])] * x.shape[0], num_registers=n,
+            vocab_size=int(pipe.flextok.vocab_size), extra={"auto": dict(budget.summary(), rows=budget.per_image())})
+        return io.NodeOutput(tokens, _chosen_text(budget))
+
+
+def _chosen_text(budget) -> str:
+    """'image 0: k=4 (psnr 28.31 >= 28)' per image, then the mean."""
+    op = ">=" if budget.higher_is_better else "<="
+    lines = [f"image {i}: k={k} ({budget.metric} {score:.4g}"
+             + (f" {op} {budget.target:g})" if reached else f", target {budget.target:g} not reached)")
+             for i, (k, score, reached) in enumerate(zip(budget.num_tokens, budget.scores, budget.reached))]
+    summary = budget.summary()
+    lines.append(f"mean k {summary['mean_tokens']:.2f} of candidates {budget.candidates}; "
+                 f"{summary['mean_decoder_passes']:.2f} decoder passes per image")
+    return "\n".join(lines)
 
 
 class FlexTokTruncate(io.ComfyNode):
@@ -463,7 +554,9 @@ class FlexTokARGenerate(io.ComfyNode):
         ids = pipe.generate_tokens(**conditioning, num_tokens=int(num_tokens),
                                    ar_guidance_scale=float(ar_guidance_scale), temperature=float(temperature),
                                    top_k=int(top_k), top_p=float(top_p),
-                                   generator=torch.Generator("cpu").manual_seed(int(seed)))
+                                   # CPU generators, sample i seeded seed + i (as Decode): the same tokens on
+                                   # any device and whatever the batch size; the draws happen on the CPU
+                                   generator=_generators(seed, batch_size))
         bar.update(1)
         if ids.dim() != 2 or tuple(ids.shape) != (batch_size, num_tokens):
             raise RuntimeError(f"generate_tokens returned shape {tuple(ids.shape)}, "
@@ -472,7 +565,7 @@ class FlexTokARGenerate(io.ComfyNode):
 
 
 NODES = [FlexTokLoad, FlexTokEncode, FlexTokTruncate, FlexTokDecode, FlexTokCoarseToFine, FlexTokSaveTokens,
-         FlexTokLoadTokens, FlexTokARGenerate]
+         FlexTokLoadTokens, FlexTokARGenerate, FlexTokAutoTokens]
 
 
 class FlexTokExtension(ComfyExtension):

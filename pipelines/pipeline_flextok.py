@@ -21,14 +21,15 @@ from diffusers.image_processor import VaeImageProcessor
 from dataclasses import dataclass
 
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..flextok_core import LICENSE_NOTICE, FlexTokModel, load_official, vae_decode, vae_encode
 from ..flextok_core.ar import check_ar_sampling
 from ..flextok_core.checks import check_int
 from ..flextok_core.fileio import read_json_object, replace_dir
-from ..flextok_core.guidance import MomentumBuffer, apg_velocity, cfg_velocity, decoder_guidance_scales
+from ..flextok_core.guidance import (MomentumBuffer, apg_velocity, cfg_velocity, check_guidance_scale,
+                                     decoder_guidance_scales)
 from ..flextok_core.official import non_floating_weights
+from ..flextok_core.rng import randn
 from ..flextok_core.sampling import check_decoder_sampling
 from ..images import to_rgb8
 from .scheduling_flextok import FlexTokFlowScheduler, flextok_sigmas
@@ -64,14 +65,18 @@ class _DecodeRun:
     chunks: list            # slices of the batch run through the decoder together (decode_batch_size)
     registers: list         # RegisterSequences per chunk (they do not change over the steps)
     momentum: list          # APG MomentumBuffer per chunk
-    scales: list            # guidance scale per step
+    scales: list            # guidance scale per step (a callback may change the remaining ones)
     guided: bool            # any step guided (scale != 1): the register sequences hold the unconditional pass
     modulations: list       # the decoder's adaLN modulation of every step (row i = step i)
+    sigmas: torch.Tensor    # t of every step, on the execution device
     model_dtype: torch.dtype
     device: torch.device
     use_apg: bool
     apg_norm_threshold: float
     apg_eta: float
+    ids: torch.Tensor       # the token ids and host lengths, to add the unconditional pass when a callback turns
+    keep_k: list            # guidance on in an unguided run
+    fast: bool
 
 
 def _ensure_importable_as_package():
@@ -163,18 +168,23 @@ class FlexTokPipeline(DiffusionPipeline):
     (:class:`FlexTokFlowScheduler`, a FlowMatchEulerDiscreteScheduler on t = 1, (T-1)/T, ..., 1/T with the
     release's exact Euler step; any flow-matching diffusers scheduler that accepts ``sigmas`` works), and the optional ``ar_model``,
     ``text_encoder`` and ``tokenizer`` for generation.
+
+    ``vae`` may be None (as in Stable Diffusion / Flux pipelines): ``tokenize`` then takes VAE latents
+    ``[B, C, h, w]`` (the scaled latents that ``output_type="latent"`` returns) and ``detokenize`` returns
+    ``output_type="latent"`` only; the latent grid is taken to be /8 of the image.
     """
 
     model_cpu_offload_seq = "text_encoder->ar_model->flextok->vae"
-    _optional_components = ["ar_model", "text_encoder", "tokenizer"]
+    _optional_components = ["vae", "ar_model", "text_encoder", "tokenizer"]
     _callback_tensor_inputs = ["latents", "velocity", "velocity_cond", "velocity_uncond"]
 
-    def __init__(self, vae: AutoencoderKL, flextok: FlexTokModel, scheduler: FlowMatchEulerDiscreteScheduler,
+    def __init__(self, vae: AutoencoderKL | None, flextok: FlexTokModel, scheduler: FlowMatchEulerDiscreteScheduler,
                  ar_model=None, text_encoder=None, tokenizer=None):
         super().__init__()
         self.register_modules(vae=vae, flextok=flextok, scheduler=scheduler, ar_model=ar_model,
                               text_encoder=text_encoder, tokenizer=tokenizer)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        vae = getattr(self, "vae", None)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_resize=False)
 
     def register_modules(self, **kwargs):
@@ -271,19 +281,43 @@ class FlexTokPipeline(DiffusionPipeline):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    def _require_vae(self, what: str):
+        if self.vae is None:
+            raise ValueError(f"this pipeline has no VAE (vae=None): {what} needs one; without a VAE, tokenize VAE "
+                             f"latents [B, {self.flextok.config.latent_channels}, h, w] and decode with "
+                             f"output_type='latent'")
+        return self.vae
+
     def enable_vae_slicing(self):
         """Decode the VAE one image at a time (lower peak memory)."""
-        self.vae.enable_slicing()
+        self._require_vae("enable_vae_slicing").enable_slicing()
 
     def disable_vae_slicing(self):
-        self.vae.disable_slicing()
+        self._require_vae("disable_vae_slicing").disable_slicing()
 
     def enable_vae_tiling(self):
         """Decode/encode the VAE in overlapping tiles (large images with bounded memory)."""
-        self.vae.enable_tiling()
+        self._require_vae("enable_vae_tiling").enable_tiling()
 
     def disable_vae_tiling(self):
-        self.vae.disable_tiling()
+        self._require_vae("disable_vae_tiling").disable_tiling()
+
+    # -- diffusers' run state (read by callbacks) -----------------------------------------------------
+    @property
+    def guidance_scale(self) -> float | None:
+        """The decoder's guidance scale at the current step (None before a run). A ``callback_on_step_end`` may set
+        ``pipe._guidance_scale``: the new scale holds for the remaining steps (1 turns guidance off)."""
+        return getattr(self, "_guidance_scale", None)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the current step runs the unconditional pass (scale != 1)."""
+        return self.guidance_scale is not None and self.guidance_scale != 1.0
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """The number of sampling steps of the current (or last) run."""
+        return getattr(self, "_num_timesteps", None)
 
     @property
     def fingerprint(self) -> str:
@@ -294,6 +328,8 @@ class FlexTokPipeline(DiffusionPipeline):
         h = hashlib.sha256()
         for part in ("flextok", "vae"):
             module = getattr(self, part)
+            if module is None:  # a pipeline without a VAE: the tokenizer alone
+                continue
             config = {k: v for k, v in dict(module.config).items() if not str(k).startswith("_")}
             h.update(json.dumps({part: config}, sort_keys=True, default=str).encode())
             for name, tensor in sorted(module.state_dict().items()):
@@ -364,8 +400,10 @@ class FlexTokPipeline(DiffusionPipeline):
         self._check_image_size(images.shape[2], images.shape[3])
         return images
 
-    def _tokens_to_batch(self, tokens) -> tuple[torch.Tensor, torch.Tensor]:
-        """LongTensor [B,k] or a list of 1-D / [1,k] tensors (ragged) -> (ids [B,k_max] right-padded, lengths [B])."""
+    def _tokens_to_batch(self, tokens) -> tuple[torch.Tensor, list[int]]:
+        """LongTensor [B,k] or a list of 1-D / [1,k] tensors (ragged) -> (ids [B,k_max] right-padded on the execution
+        device, lengths: host ints, which size the decoder's sequences without a device read). The ids are checked
+        on the host: one read per sequence."""
         if isinstance(tokens, torch.Tensor):
             if tokens.dim() == 1:
                 tokens = tokens[None]
@@ -391,38 +429,85 @@ class FlexTokPipeline(DiffusionPipeline):
             raise TypeError(f"tokens must be a LongTensor [B,k] or a non-empty list of 1-D token tensors, got "
                             f"{type(tokens).__name__}")
         n, vocab = self.num_registers, self.flextok.vocab_size
+        rows = []
         for i, s in enumerate(seqs):
             if s.is_floating_point() or s.dtype == torch.bool:
                 raise ValueError(f"token ids must be integers, sequence {i} has dtype {s.dtype}")
             if not 1 <= len(s) <= n:
                 raise ValueError(f"sequence {i} has {len(s)} tokens; this model decodes 1..{n} tokens")
-            bad = (s < 0) | (s >= vocab)
-            if bad.any():
-                j = int(bad.nonzero()[0, 0])
-                raise ValueError(f"token id {int(s[j])} at position {j} of sequence {i} is outside [0, {vocab})")
-        lengths = torch.tensor([len(s) for s in seqs])
-        ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = s.long().cpu()
-        return ids.to(self._execution_device), lengths.to(self._execution_device)
+            row = s.tolist()
+            j = next((j for j, v in enumerate(row) if not 0 <= v < vocab), None)
+            if j is not None:
+                raise ValueError(f"token id {row[j]} at position {j} of sequence {i} is outside [0, {vocab})")
+            rows.append(row)
+        lengths = [len(row) for row in rows]
+        ids = torch.tensor([row + [0] * (max(lengths) - len(row)) for row in rows], dtype=torch.long)
+        return ids.to(self._execution_device), lengths
 
     # -- tokenize -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def tokenize(self, images, num_tokens: int | None = None, generator: torch.Generator | None = None,
-                 sample_posterior: bool | None = None) -> torch.LongTensor:
+    def tokenize(self, images, num_tokens: int | str | None = None, generator: torch.Generator | None = None,
+                 sample_posterior: bool | None = None, **auto_kwargs) -> torch.LongTensor | list:
         """Images ([B,3,H,W] in [-1,1], or PIL images) -> token ids ``[B, num_tokens]`` (default: all N).
+        A tensor ``[B,C,h,w]`` with the VAE's latent channel count is taken as scaled VAE latents (the VAE is
+        skipped; a pipeline built with ``vae=None`` tokenizes only these). ``generator`` (CPU or the execution
+        device, or one per image) seeds the posterior sample.
 
         The first k tokens do not depend on later ones, so ``num_tokens=k`` runs only k registers and returns
         exactly the first k ids of the full sequence. ``sample_posterior`` defaults to the checkpoint's setting.
+        ``num_tokens="auto"`` with ``target=`` (and ``metric=``, ``candidates=``, decoder options: those of
+        :meth:`choose_num_tokens`) returns each image's shortest prefix that reaches the target, as a list of 1-D
+        tensors (ragged).
         """
+        if (isinstance(num_tokens, str) and num_tokens == "auto") or auto_kwargs:
+            if not isinstance(num_tokens, str):
+                raise TypeError(f"tokenize() got unexpected keyword argument(s) {sorted(auto_kwargs)}; they are "
+                                f"options of num_tokens='auto'")
+            from .token_budget import auto_tokenize
+
+            return auto_tokenize(self, images, num_tokens, generator, sample_posterior, **auto_kwargs)
         n = self.num_registers
         k = n if num_tokens is None else check_int("num_tokens", num_tokens, 1, n)
-        images = self._images_to_tensor(images).to(self._execution_device)
-        sample = self.flextok.config.sample_posterior if sample_posterior is None else sample_posterior
-        latents = vae_encode(self.vae, images, sample, generator)
+        latents = self._tokenizer_latents(images, generator, sample_posterior)
         _, ids = self.flextok.encode(latents.to(self.flextok.dtype), num_tokens=k)
         self.maybe_free_model_hooks()
         return ids
+
+    def _is_latents(self, images) -> bool:
+        c = self.flextok.config.latent_channels
+        return isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == c != 3
+
+    def _tokenizer_latents(self, images, generator, sample_posterior) -> torch.Tensor:
+        """Images -> the VAE's scaled latents on the execution device. A tensor ``[B, C, h, w]`` with the latent
+        channel count is taken as those latents already (diffusers' img2img convention); that is how a pipeline
+        without a VAE tokenizes."""
+        if self._is_latents(images):
+            if not images.is_floating_point() or not torch.isfinite(images).all():
+                raise ValueError(f"latents must be finite floating point, got dtype {images.dtype}")
+            self._check_image_size(images.shape[2] * self.vae_scale_factor, images.shape[3] * self.vae_scale_factor)
+            return images.to(self._execution_device)
+        vae = self._require_vae("tokenizing images")
+        images = self._images_to_tensor(images).to(self._execution_device)
+        sample = self.flextok.config.sample_posterior if sample_posterior is None else sample_posterior
+        return vae_encode(vae, images, sample, generator)
+
+    @torch.no_grad()
+    def choose_num_tokens(self, images, target: float, metric="psnr", candidates=None, **decode_kwargs) -> list[int]:
+        """Per image, the smallest candidate k whose reconstruction from the first k tokens reaches ``target`` on
+        ``metric`` against the input image; the largest candidate when none does.
+
+        metric: ``"psnr"``, ``"ssim"`` (higher is better), ``"lpips"`` (ST-LPIPS, lower is better) or a callable
+            ``(reconstructions, references) -> scores`` (``[B,3,H,W]`` in [-1,1] -> ``[B]``) with
+            ``higher_is_better=``. candidates: token counts (default: the powers of two up to N, and N).
+        decode_kwargs: options of :meth:`detokenize` (``num_inference_steps``, ``guidance_scale``, ``use_apg``,
+            ``decode_batch_size``, ``latents`` ``[B,C,h,w]``: every candidate of image i starts from ``latents[i]``,
+            so decoding ``ids[i, :k_i]`` with it again gives the scored image), ``generator`` (the posterior sample,
+            then one noise draw per image), ``sample_posterior``, and ``search`` (``"ascending"``, the rule itself,
+            or ``"bisect"``). The tokenizer runs once; see :mod:`.token_budget` for the decoder passes per image.
+        """
+        from .token_budget import choose_tokens
+
+        return choose_tokens(self, images, target, metric, candidates, **decode_kwargs).num_tokens
 
     # -- detokenize ---------------------------------------------------------------------------------
     def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
@@ -437,7 +522,7 @@ class FlexTokPipeline(DiffusionPipeline):
             raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}")
         # One draw of [1,C,h,w] per sample in order, as the release does (same stream as its sampler).
         gens = generator if isinstance(generator, list) else [generator] * batch_size
-        return torch.cat([randn_tensor((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in gens])
+        return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in gens])
 
     def _prepare_decoding(self, ids, keep_k, num_inference_steps, guidance_scale, guidance_schedule, use_apg,
                           apg_momentum, apg_norm_threshold, apg_eta, fast_decoding, decode_batch_size,
@@ -447,21 +532,35 @@ class FlexTokPipeline(DiffusionPipeline):
         decoder's timestep modulation of every step."""
         b = ids.shape[0]
         self.scheduler.set_timesteps(sigmas=flextok_sigmas(num_inference_steps), device=device)
-        scales = decoder_guidance_scales(guidance_scale, guidance_schedule, self.scheduler.sigmas[:-1].tolist())
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)  # the step index needs no lookup of the timestep (a device read)
+        sigmas = self.scheduler.sigmas  # host values for FlexTokFlowScheduler (t of each step, then 0)
+        scales = decoder_guidance_scales(guidance_scale, guidance_schedule, sigmas.tolist()[:-1])
         guided = any(s != 1.0 for s in scales)
         chunk = decode_batch_size or b
         chunks = [slice(i, min(i + chunk, b)) for i in range(0, b, chunk)]
-        # Register sequences do not change over the steps: build them once per chunk.
+        # Register sequences do not change over the steps: build them once per chunk (host lengths keep_k).
         registers = [self.flextok.prepare_registers(ids[c], keep_k[c], guidance=guided, fast=fast_decoding)
                      for c in chunks]
         momentum = [MomentumBuffer(apg_momentum) for _ in chunks]
-        model_dtype = self.flextok.dtype
-        # timestep conditioning of every step at once (it depends on t alone); computed where the weights are
-        # now (offload hooks move them only on forward), then moved to the execution device
-        sigmas = self.scheduler.sigmas[:-1].to(self.flextok.device)
-        modulations = [m.to(device) for m in self.flextok.timestep_modulation(sigmas)]
-        return _DecodeRun(chunks, registers, momentum, scales, guided, modulations, model_dtype, device, use_apg,
-                          apg_norm_threshold, apg_eta)
+        # timestep conditioning of every step at once (it depends on t alone); timestep_modulation fires the
+        # offload hook, so the weights are on the execution device
+        sigmas = sigmas[:-1].to(device)
+        modulations = self.flextok.timestep_modulation(sigmas)
+        return _DecodeRun(chunks, registers, momentum, list(scales), guided, modulations, sigmas, self.flextok.dtype,
+                          device, use_apg, apg_norm_threshold, apg_eta, ids, keep_k, fast_decoding)
+
+    def _guidance_changed(self, run: _DecodeRun, i: int):
+        """After step ``i``'s callback: a new ``pipe._guidance_scale`` holds for the remaining steps; turning
+        guidance on in an unguided run adds the unconditional pass to the register sequences."""
+        if self._guidance_scale == run.scales[i]:
+            return
+        scale = check_guidance_scale("guidance_scale (set by callback_on_step_end)", self._guidance_scale)
+        run.scales[i + 1:] = [scale] * (len(run.scales) - i - 1)
+        if scale != 1.0 and not run.guided:
+            run.registers = [self.flextok.prepare_registers(run.ids[c], run.keep_k[c], guidance=True, fast=run.fast)
+                             for c in run.chunks]
+            run.guided = True
 
     def _step_velocity(self, run: _DecodeRun, i: int, x: torch.Tensor):
         """One sampling step's velocity at step ``i`` for latents ``x`` ``[B,C,h,w]``: the decoder on every chunk
@@ -469,7 +568,7 @@ class FlexTokPipeline(DiffusionPipeline):
         Returns (velocity, v_cond, v_uncond); ``v_uncond`` is None for an unguided run and NaN at a step that
         skips the unconditional pass."""
         scale = run.scales[i]
-        t = self.scheduler.sigmas[i].to(run.device)
+        t = run.sigmas[i]
         velocity, v_cond, v_uncond = torch.empty_like(x), torch.empty_like(x), None
         if run.guided:
             v_uncond = torch.empty_like(x)
@@ -493,7 +592,8 @@ class FlexTokPipeline(DiffusionPipeline):
         """Final tokenizer-space latents -> images of ``output_type`` (the VAE decodes chunk by chunk)."""
         if output_type == "latent":
             return x
-        image = torch.cat([vae_decode(self.vae, x[c]).float() for c in chunks])
+        vae = self._require_vae(f"output_type={output_type!r}")
+        image = torch.cat([vae_decode(vae, x[c]).float() for c in chunks])
         return self.image_processor.postprocess(image, output_type=output_type)
 
     @torch.no_grad()
@@ -538,6 +638,8 @@ class FlexTokPipeline(DiffusionPipeline):
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if output_type != "latent":
+            self._require_vae(f"output_type={output_type!r}")
         bad = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(f"callback tensor inputs {bad} not in {self._callback_tensor_inputs}")
@@ -555,27 +657,35 @@ class FlexTokPipeline(DiffusionPipeline):
         device = self._execution_device
         ids, keep_k = self._tokens_to_batch(tokens)
         ids = ids.repeat_interleave(num_images_per_prompt, dim=0)
-        keep_k = keep_k.repeat_interleave(num_images_per_prompt, dim=0)
+        keep_k = [k for k in keep_k for _ in range(num_images_per_prompt)]
         x = self.prepare_latents(ids.shape[0], height, width, torch.float32, device, generator, latents)
         run = self._prepare_decoding(ids, keep_k, num_inference_steps, guidance_scale, guidance_schedule, use_apg,
                                      apg_momentum, apg_norm_threshold, apg_eta, fast_decoding, decode_batch_size,
                                      device)
 
-        with self.progress_bar(total=num_inference_steps) as progress:
-            for i, step_t in enumerate(self.scheduler.timesteps):
-                velocity, v_cond, v_uncond = self._step_velocity(run, i, x)
-                x = self.scheduler.step(velocity, step_t, x, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    local = dict(latents=x, velocity=velocity, velocity_cond=v_cond, velocity_uncond=v_uncond)
-                    out = callback_on_step_end(self, i, step_t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
-                    x = (out or {}).get("latents", x)
-                progress.update()
-
+        x = self._denoise(run, x, callback_on_step_end, callback_on_step_end_tensor_inputs)
         image = self._latents_to_images(x, run.chunks, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    def _denoise(self, run: _DecodeRun, x: torch.Tensor, callback_on_step_end, tensor_inputs) -> torch.Tensor:
+        """The sampling loop: Euler steps from the initial noise ``x`` to the final latents. ``guidance_scale``,
+        ``do_classifier_free_guidance`` and ``num_timesteps`` describe the current step to the callback."""
+        self._num_timesteps = len(self.scheduler.timesteps)
+        with self.progress_bar(total=self._num_timesteps) as progress:
+            for i, step_t in enumerate(self.scheduler.timesteps):
+                self._guidance_scale = run.scales[i]
+                velocity, v_cond, v_uncond = self._step_velocity(run, i, x)
+                x = self.scheduler.step(velocity, step_t, x, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    local = dict(latents=x, velocity=velocity, velocity_cond=v_cond, velocity_uncond=v_uncond)
+                    out = callback_on_step_end(self, i, step_t, {k: local[k] for k in tensor_inputs})
+                    x = (out or {}).get("latents", x)
+                    self._guidance_changed(run, i)
+                progress.update()
+        return x
 
     # -- generation (AR) ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -661,10 +771,14 @@ class FlexTokPipeline(DiffusionPipeline):
                  generator=None, sample_posterior: bool | None = None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", return_dict: bool = True, ar_guidance_scale: float = 4.0,
                  ar_guidance_schedule: str = "constant", temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, **detokenize_kwargs):
+                 top_p: float = 1.0, num_inference_steps: int = 25, guidance_scale: float = 7.5,
+                 latents: torch.Tensor | None = None, callback_on_step_end: Callable | None = None,
+                 callback_on_step_end_tensor_inputs: list[str] = ("latents",), **detokenize_kwargs):
         """Reconstruct ``image`` through its first ``num_tokens`` tokens, or generate from ``class_labels`` /
         ``prompt`` with the AR model (``num_tokens`` tokens, then decode). ``output_type="tokens"`` returns only
-        the ids. Decoder options (steps, guidance, APG, ...) are those of :meth:`detokenize`.
+        the ids. ``num_inference_steps``, ``guidance_scale`` (the decoder's), ``latents`` (the initial noise) and
+        the callback arguments are :meth:`detokenize`'s, as are the other decoder options (``use_apg``, ...) in
+        ``detokenize_kwargs``. ``image`` may be VAE latents ``[B, C, h, w]`` (see :meth:`tokenize`).
 
         Reconstruction with a list ``num_tokens=[k1, k2, ...]`` tokenizes each image once and decodes every k
         in one batched run; outputs are image-major (image 0 at k1, k2, ..., then image 1 ...), and each image's
@@ -674,7 +788,12 @@ class FlexTokPipeline(DiffusionPipeline):
             raise ValueError("pass exactly one of image= (reconstruct), class_labels= or prompt= (generate)")
         if output_type not in OUTPUT_TYPES + ("tokens",):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES + ('tokens',)}, got {output_type!r}")
-        self._check_decoder_options(detokenize_kwargs)  # before any tokenizing or sampling
+        if output_type not in ("tokens", "latent"):
+            self._require_vae(f"output_type={output_type!r}")
+        detokenize_kwargs.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                 latents=latents, callback_on_step_end=callback_on_step_end,
+                                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        self.check_decoder_options(detokenize_kwargs)  # before any tokenizing or sampling
         if image is None:
             if isinstance(num_tokens, (list, tuple)):
                 raise ValueError("generation takes one num_tokens; decode prefixes of the result for a series")
@@ -694,15 +813,18 @@ class FlexTokPipeline(DiffusionPipeline):
             return (images, sequences)
         return FlexTokPipelineOutput(images=images, tokens=sequences)
 
-    def _check_decoder_options(self, detokenize_kwargs: dict):
-        """``__call__``'s decoder options: known names of :meth:`detokenize`, valid sampling settings."""
+    def check_decoder_options(self, options: dict, taken=("tokens", "generator", "num_images_per_prompt",
+                                                          "output_type", "return_dict"), also: str = "") -> None:
+        """Options a caller passes on to :meth:`detokenize`, checked before any work: unknown names (a TypeError
+        listing the known ones, except the ``taken`` ones the caller sets itself; ``also`` names what else it
+        accepts) and the sampling settings (a ValueError naming the setting)."""
         params = inspect.signature(self.detokenize).parameters
-        own = {"tokens", "generator", "num_images_per_prompt", "output_type", "return_dict"}  # __call__ passes these
-        unknown = sorted(set(detokenize_kwargs) - (set(params) - own))
+        allowed = sorted(set(params) - set(taken))
+        unknown = sorted(set(options) - set(allowed))
         if unknown:
-            raise TypeError(f"unexpected keyword argument(s) {unknown}; decoder options are those of detokenize(): "
-                            f"{sorted(set(params) - own)}")
-        value = lambda name: detokenize_kwargs.get(name, params[name].default)  # noqa: E731
+            raise TypeError(f"unexpected keyword argument(s) {unknown}; {also}decoder options are those of "
+                            f"detokenize(): {allowed}")
+        value = lambda name: options.get(name, params[name].default)  # noqa: E731
         check_decoder_sampling(value("num_inference_steps"), value("guidance_scale"), value("apg_momentum"),
                                value("apg_norm_threshold"), value("apg_eta"))
 
@@ -715,10 +837,13 @@ class FlexTokPipeline(DiffusionPipeline):
             ks = [check_int(f"num_tokens[{i}]", k, 1, n) for i, k in enumerate(num_tokens)]
         else:
             ks = [n if num_tokens is None else check_int("num_tokens", num_tokens, 1, n)]
-        images = self._images_to_tensor(image)
+        if self._is_latents(image):
+            images, scale = image, self.vae_scale_factor
+        else:
+            images, scale = self._images_to_tensor(image), 1
         ids = self.tokenize(images, num_tokens=max(ks), generator=generator, sample_posterior=sample_posterior)
         b, n_k = ids.shape[0], len(ks)
-        height, width = images.shape[2:]
+        height, width = (s * scale for s in images.shape[2:])
         detokenize_kwargs.setdefault("height", height)
         detokenize_kwargs.setdefault("width", width)
         if detokenize_kwargs.get("latents") is None and n_k > 1:

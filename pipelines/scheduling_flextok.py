@@ -19,14 +19,19 @@ class FlexTokFlowScheduler(FlowMatchEulerDiscreteScheduler):
     """Euler over t = 1, (T-1)/T, ..., 1/T with the release's exact update ``x <- x - v / T``."""
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, **kwargs):
+        """diffusers' ``set_timesteps`` on the CPU, the check for the release's grid on those host values (no device
+        read), then ``timesteps`` moved to ``device``. ``sigmas`` stay on the CPU, as in diffusers' Euler
+        schedulers: the step reads them as host scalars."""
         if sigmas is None and num_inference_steps is not None:
             sigmas = flextok_sigmas(num_inference_steps)
-        super().set_timesteps(device=device, sigmas=sigmas, **kwargs)
+        super().set_timesteps(device="cpu", sigmas=sigmas, **kwargs)
         steps = len(self.timesteps)
-        grid = torch.tensor(flextok_sigmas(steps), dtype=torch.float32, device=self.sigmas.device)
+        grid = torch.tensor(flextok_sigmas(steps), dtype=torch.float32)
         uniform = (not self.config.stochastic_sampling and not kwargs.get("timesteps")
                    and torch.equal(self.sigmas[:-1].float(), grid) and float(self.sigmas[-1]) == 0.0)
         self._uniform_dt = 1.0 / steps if uniform else None
+        if device is not None:
+            self.timesteps = self.timesteps.to(device)
 
     def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
         if getattr(self, "_uniform_dt", None) is None or kwargs.get("per_token_timesteps") is not None:

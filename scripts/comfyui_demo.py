@@ -16,7 +16,7 @@ always started with ``--base-directory COMFYUI_BASE``, so another folder keeps t
                                      a sample photo (checked here to be one of those copied into ``input/``).
 
 Then it starts ComfyUI (``--cpu --listen 127.0.0.1 --port PORT``) in the foreground, or with ``--check`` in the background:
-it queues each example workflow whose demo model is installed (reconstruct, then AR generate) through
+it queues each example workflow whose demo model is installed (reconstruct, AR generate, auto tokens) through
 ``POST /prompt``, waits for ``/history``, prints the output files and stops the server. Exit status 0 = success, 1 = failure, 2 = bad usage.
 """
 from __future__ import annotations
@@ -59,7 +59,8 @@ PACK = "flextok_nodes"                     # custom_nodes/<PACK>, the name the t
 DEMO_MODELS = ROOT / "demo_models"
 SAMPLES = DEMO_MODELS / "samples"
 EXAMPLES = ROOT / "example_workflows"
-WORKFLOW_MODELS = {"flextok_reconstruct.json": "photo_tokenizer", "flextok_ar_generate.json": "fashion_ar"}
+WORKFLOW_MODELS = {"flextok_reconstruct.json": "photo_tokenizer", "flextok_ar_generate.json": "fashion_ar",
+                   "flextok_auto_tokens.json": "photo_tokenizer"}
 CHECK_WORKFLOW = "flextok_reconstruct.json"
 
 
@@ -214,8 +215,9 @@ def run_workflow(srv: ComfyServer, base: Path, workflow: Path, info: dict, extra
              f"{err.get('exception_type')}: {err.get('exception_message')}\n{trace}"
              f"\n--- last lines of {srv.log_path} ---\n{srv.log_tail(30)}")
     root = output_root(base, extra)
-    images, tokens = [], []
+    images, tokens, texts = [], [], []
     for node_out in run.outputs.values():
+        texts += [t for t in node_out.get("text", []) if isinstance(t, str) and "FlexTokTokens(" not in t]
         for item in node_out.get("images", []):
             if item.get("type") == "output":
                 images.append(root / item.get("subfolder", "") / item["filename"])
@@ -229,6 +231,8 @@ def run_workflow(srv: ComfyServer, base: Path, workflow: Path, info: dict, extra
         print(f"  {p}", flush=True)
     for p in tokens:
         print(f"  {p}  (tokens)", flush=True)
+    for text in texts:  # text outputs (Preview as Text): e.g. the chosen k of the auto-tokens example
+        print("\n".join(f"  | {line}" for line in text.splitlines()), flush=True)
     return pngs
 
 

@@ -41,12 +41,13 @@ PACK = "flextok_nodes"
 EXAMPLES = ROOT / "example_workflows"
 RECONSTRUCT = EXAMPLES / "flextok_reconstruct.json"
 AR_EXAMPLE = EXAMPLES / "flextok_ar_generate.json"
+AUTO_EXAMPLE = EXAMPLES / "flextok_auto_tokens.json"
 NODE_IDS = ["FlexTokLoad", "FlexTokEncode", "FlexTokTruncate", "FlexTokDecode", "FlexTokCoarseToFine",
-            "FlexTokSaveTokens", "FlexTokLoadTokens", "FlexTokARGenerate"]
+            "FlexTokSaveTokens", "FlexTokLoadTokens", "FlexTokARGenerate", "FlexTokAutoTokens"]
 HAS_AR_BACKEND = hasattr(FlexTokPipeline, "generate_tokens") and hasattr(flextok_core, "FlexTokAR")
 # The examples load the demo models (demo_models/photo_tokenizer, demo_models/fashion_ar: what
 # scripts/comfyui_demo.sh links); the server tests here run them on the golden tiny model instead.
-TEST_MODELS = {RECONSTRUCT: "flextok_tiny", AR_EXAMPLE: "flextok_tiny_ar"}
+TEST_MODELS = {RECONSTRUCT: "flextok_tiny", AR_EXAMPLE: "flextok_tiny_ar", AUTO_EXAMPLE: "flextok_tiny"}
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -263,7 +264,8 @@ def test_comfyui_demo_script_check(tmp_path):
     linked = base / "models" / "flextok"
     assert sorted(p.name for p in linked.iterdir()) == demo
     assert all((linked / n).is_symlink() and (linked / n).resolve() == ROOT / "demo_models" / n for n in demo)
-    for path, model in ((RECONSTRUCT, "photo_tokenizer"), (AR_EXAMPLE, "fashion_ar")):
+    for path, model in ((RECONSTRUCT, "photo_tokenizer"), (AR_EXAMPLE, "fashion_ar"),
+                        (AUTO_EXAMPLE, "photo_tokenizer")):
         for ui in (json.loads(path.read_text()), json.loads((base / "user/default/workflows" / path.name).read_text())):
             assert [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "FlexTokLoad"] == [model], path.name
     # the reconstruct example opens a sample photo, which the demo copied into input/
@@ -279,6 +281,10 @@ def test_comfyui_demo_script_check(tmp_path):
     assert all(p.is_file() and (base / "output") in p.parents for p in printed), printed
     sizes = {p.name: PIL.Image.open(p).size for p in printed}
     assert "flextok_reconstruct.json finished" in res.stdout and "flextok_ar_generate.json finished" in res.stdout
+    # the auto-tokens example: the three sample photos, each with its chosen k (Preview as Text, printed)
+    assert "flextok_auto_tokens.json finished" in res.stdout
+    chosen = [line for line in res.stdout.splitlines() if line.strip().startswith("| image ")]
+    assert [line.split(":")[0].strip() for line in chosen] == ["| image 0", "| image 1", "| image 2"], res.stdout
     assert {PIL.Image.open(p).size for p in printed if "/ar" not in str(p.relative_to(base))} == {(64, 64)}, sizes
     assert {PIL.Image.open(p).size for p in printed if "/ar" in str(p.relative_to(base))} == {(32, 32)}, sizes
 
@@ -317,6 +323,10 @@ def test_object_info_inputs(info):
     assert _inputs(info, "FlexTokSaveTokens") == {"tokens": "FLEXTOK_TOKENS", "filename_prefix": "STRING"}
     assert _inputs(info, "FlexTokLoadTokens") == {"tokens_file": "COMBO"}
     assert "not_tokens.safetensors" not in info["FlexTokLoadTokens"]["input"]["required"]["tokens_file"][1]["options"]
+    assert _inputs(info, "FlexTokAutoTokens") == {
+        "flextok_model": "FLEXTOK_MODEL", "image": "IMAGE", "metric": "COMBO", "target": "FLOAT",
+        "candidates": "STRING", "fit": "COMBO", "posterior_seed": "INT", **sampling}
+    assert info["FlexTokAutoTokens"]["input"]["required"]["metric"][1]["options"] == ["psnr", "ssim", "lpips"]
     assert _inputs(info, "FlexTokARGenerate") == {
         "flextok_model": "FLEXTOK_MODEL", "class_label": "STRING", "prompt": "STRING", "num_tokens": "INT",
         "ar_guidance_scale": "FLOAT", "temperature": "FLOAT", "top_k": "INT", "top_p": "FLOAT", "seed": "INT",
@@ -325,12 +335,14 @@ def test_object_info_inputs(info):
     assert outputs == {"FlexTokLoad": ["FLEXTOK_MODEL"], "FlexTokEncode": ["FLEXTOK_TOKENS"],
                        "FlexTokTruncate": ["FLEXTOK_TOKENS"], "FlexTokDecode": ["IMAGE"],
                        "FlexTokCoarseToFine": ["IMAGE", "IMAGE"], "FlexTokSaveTokens": [],
-                       "FlexTokLoadTokens": ["FLEXTOK_TOKENS"], "FlexTokARGenerate": ["FLEXTOK_TOKENS"]}
+                       "FlexTokLoadTokens": ["FLEXTOK_TOKENS"], "FlexTokARGenerate": ["FLEXTOK_TOKENS"],
+                       "FlexTokAutoTokens": ["FLEXTOK_TOKENS", "STRING"]}
 
 
 def test_example_workflows_served(srv):
     status, templates = srv.get("/api/workflow_templates")
-    assert status == 200 and sorted(templates[PACK]) == ["flextok_ar_generate", "flextok_reconstruct"]
+    assert status == 200 and sorted(templates[PACK]) == ["flextok_ar_generate", "flextok_auto_tokens",
+                                                          "flextok_reconstruct"]
     status, body = srv.get(f"/api/workflow_templates/{PACK}/flextok_reconstruct.json")
     assert status == 200 and body["nodes"]
 
@@ -595,6 +607,120 @@ def test_ar_generate_example(srv, base):
     assert "use 1..32" in run_error(srv, ar_graph(num_tokens=33))["exception_message"]
 
 
+# ------------------------------------------------------------------------------------------------ auto tokens
+def _chosen_lines(run) -> list[str]:
+    texts = [t for o in run.outputs.values() for t in o.get("text", []) if "image 0: k=" in t]
+    assert len(texts) == 1, run.outputs
+    return texts[0].splitlines()
+
+
+def test_auto_tokens_example(srv, info, base):
+    """The example on the test model: three photos in one batch -> ragged tokens (each row its own k, the same k as
+    the text output says) -> Decode renders one image per row; Save Tokens keeps the lengths and the scores."""
+    prompt = ui_to_api(example(AUTO_EXAMPLE), info)
+    kinds = {nid: n["class_type"] for nid, n in prompt.items()}
+    assert sorted(kinds.values()) == sorted(["LoadImage"] * 3 + ["ImageBatch"] * 2 + [
+        "FlexTokLoad", "FlexTokAutoTokens", "FlexTokDecode", "SaveImage", "PreviewAny", "FlexTokSaveTokens"])
+    run = run_ok(srv, prompt)
+    by_kind = {v: k for k, v in kinds.items()}
+    saved = run.outputs[by_kind["FlexTokSaveTokens"]]["flextok_tokens"][0]
+    tokens = core.load_tokens(str(Path(base, "output", saved["subfolder"], saved["filename"])))
+    lines = _chosen_lines(run)
+    assert len(lines) == 4 and lines[-1].startswith("mean k")
+    ks = [int(line.split("k=")[1].split(" ")[0]) for line in lines[:3]]
+    assert tokens.lengths.tolist() == ks and tokens.image_size == (128, 128)
+    auto = tokens.extra["auto"]
+    assert [r["k"] for r in auto["rows"]] == ks and auto["metric"] == "psnr" and auto["candidates"][-1] == 32
+    images = run.outputs[by_kind["SaveImage"]]["images"]
+    assert len(images) == 3 and all(PIL.Image.open(Path(base, "output", i["subfolder"], i["filename"])).size
+                                    == (128, 128) for i in images)
+
+
+def _psnr_table(pipe, x, posterior_seed, seed, ks, steps):
+    """What the node computes for image i (posterior seed + i, noise seed + i), at every candidate: [B, len(ks)]."""
+    from flextok_kit.metrics import psnr
+    rows = []
+    for i in range(x.shape[0]):
+        ids = pipe.tokenize(x[i:i + 1] * 2 - 1, generator=torch.Generator().manual_seed(posterior_seed + i))
+        noise = torch.randn(1, 16, *(s // 8 for s in x.shape[-2:]), generator=torch.Generator().manual_seed(seed + i))
+        out = pipe.detokenize([ids[0, :k] for k in ks], latents=noise.expand(len(ks), -1, -1, -1), output_type="pt",
+                              num_inference_steps=steps, guidance_scale=3.0).images
+        rows.append(psnr(out * 2 - 1, (x[i:i + 1] * 2 - 1).expand(len(ks), -1, -1, -1)).tolist())
+    return np.array(rows)
+
+
+def test_auto_tokens_node_follows_the_rule_on_the_demo_model(srv, base):
+    """On the trained demo tokenizer (scores differ clearly between k): the node picks, per image, the smallest k
+    whose PSNR reaches the target (as this process computes it with the same seeds), and Decode with the same seed
+    renders the scored images."""
+    photo = ROOT / "demo_models" / "photo_tokenizer"
+    link = base / "models" / "flextok" / "photo_tokenizer"
+    if not link.exists():
+        link.symlink_to(photo, target_is_directory=True)
+    names = ["Dragonfly_by_Bolly.jpg", "sunset_by_Aitzol_Berasategi.jpg"]
+    for name in names:
+        shutil.copy(ROOT / "demo_models" / "samples" / name, base / "input" / name)
+    pipe = FlexTokPipeline.from_pretrained(photo)
+    pipe.set_progress_bar_config(disable=True)
+    x = core.fit_images(torch.stack([load_image01(base / "input" / n) for n in names]), (64, 64), "center-crop")
+    ks, steps = [1, 2, 4, 8, 16], 6
+    table = _psnr_table(pipe, x, 3, 5, ks, steps)
+    values = np.sort(table.reshape(-1))
+    gaps = [((a + b) / 2, b - a) for a, b in zip(values[:-1], values[1:]) if b - a > 0.1]
+    rule = lambda t: [next((k for k, v in zip(ks, row) if v >= t), ks[-1]) for row in table]  # noqa: E731
+    target = max(gaps, key=lambda g: (len(set(rule(g[0]))), g[1]))[0]  # different k per image if possible
+    sampling = {"steps": steps, "guidance_scale": 3.0, "use_apg": True, "seed": 5}
+    prompt = {
+        "a": {"class_type": "LoadImage", "inputs": {"image": names[0]}},
+        "b": {"class_type": "LoadImage", "inputs": {"image": names[1]}},
+        "ab": {"class_type": "ImageBatch", "inputs": {"image1": ["a", 0], "image2": ["b", 0]}},
+        "m": {"class_type": "FlexTokLoad", "inputs": {"model_name": "photo_tokenizer", "device": "default",
+                                                       "dtype": "auto"}},
+        "auto": {"class_type": "FlexTokAutoTokens", "inputs": {
+            "flextok_model": ["m", 0], "image": ["ab", 0], "metric": "psnr", "target": round(float(target), 4),
+            "candidates": "", "fit": "center-crop", "posterior_seed": 3, **sampling}},
+        "d": {"class_type": "FlexTokDecode", "inputs": {"flextok_model": ["m", 0], "tokens": ["auto", 0],
+                                                         **sampling}},
+        "s": save_node(["d", 0], "auto_rule"),
+        "p": {"class_type": "PreviewAny", "inputs": {"source": ["auto", 1]}},
+    }
+    run = run_ok(srv, prompt)
+    lines = _chosen_lines(run)
+    chosen = [int(line.split("k=")[1].split(" ")[0]) for line in lines[:2]]
+    assert chosen == rule(target), (target, table.round(3), lines)
+    for i, item in enumerate(run.outputs["s"]["images"]):
+        decoded = load_image01(Path(base, "output", item["subfolder"], item["filename"]))
+        mse = ((decoded - x[i].permute(1, 2, 0)) ** 2).mean()
+        score = float(10 * torch.log10(1 / mse))
+        assert abs(score - table[i, ks.index(chosen[i])]) < 0.1, (i, score, table[i])
+
+
+def test_auto_tokens_refuses_bad_values(srv):
+    def graph(**over):
+        inputs = {"flextok_model": ["m", 0], "image": ["img", 0], "metric": "psnr", "target": 20.0,
+                  "candidates": "", "fit": "center-crop", "posterior_seed": 0, "steps": 2, "guidance_scale": 3.0,
+                  "use_apg": True, "seed": 0}
+        g = encode_graph()
+        del g["enc"]
+        return {**g, "auto": {"class_type": "FlexTokAutoTokens", "inputs": dict(inputs, **over)},
+                "d": decode_node(["m", 0], ["auto", 0], steps=2), "s": save_node(["d", 0], "bad")}
+
+    for over, message in [(dict(target=0.0), "target must be a finite number > 0"),
+                          (dict(metric="ssim", target=1.5), "target must be a finite number in [-1, 1]"),
+                          (dict(metric="mse"), "metric: 'mse' is not one of the options"),
+                          (dict(candidates="0,4"), "candidates: k=0 is too small"),
+                          (dict(candidates="2,x"), "candidates: 'x' is not an integer")]:
+        errs = queue_invalid(srv, graph(**over))
+        assert any(e["type"] == "custom_validation_failed" and e["node"] == "auto" and message in e["details"]
+                   for e in errs), (over, errs)
+    err = run_error(srv, graph(candidates="4,64"))
+    assert err["node_type"] == "FlexTokAutoTokens" and "k=64 is more than this model's N=32" in err["exception_message"]
+    has_lpips = subprocess.run([str(COMFY_PY), "-c", "import stlpips_pytorch"], capture_output=True).returncode == 0
+    if not has_lpips:  # ComfyUI's env without the wheel: a clear message, not a traceback deep inside
+        err = run_error(srv, graph(metric="lpips", target=0.2))
+        assert "metric='lpips' needs ST-LPIPS" in err["exception_message"], err["exception_message"]
+
+
 def _browser_available() -> str | None:
     if not Path("/usr/bin/chromium").exists():
         return "Debian chromium is not installed (.ci/comfyui.sh --with-browser)"
@@ -610,17 +736,18 @@ def test_browser_frontend_loads_and_runs_the_examples(srv, info, tmp_path):
         _unavailable(reason)
     shot = tmp_path / "comfyui_workflow.png"
     copies = {}  # the examples with this module's test models
-    for path in (AR_EXAMPLE, RECONSTRUCT):
+    for path in (AR_EXAMPLE, AUTO_EXAMPLE, RECONSTRUCT):
         copies[path] = tmp_path / path.name
         copies[path].write_text(json.dumps(example(path), indent=1))
     cmd = [str(COMFY_PY), str(ROOT / "tests" / "browser_check.py"), "--url", srv.url, "--expect", *NODE_IDS,
-           "--workflow", str(copies[AR_EXAMPLE]), "--workflow", str(copies[RECONSTRUCT]), "--run",
+           "--workflow", str(copies[AR_EXAMPLE]), "--workflow", str(copies[AUTO_EXAMPLE]),
+           "--workflow", str(copies[RECONSTRUCT]), "--run",
            "--screenshot", str(shot)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads(res.stdout)
     assert report["missing"] == [] and set(report["categories"].values()) == {"FlexTok"}
-    for path in (AR_EXAMPLE, RECONSTRUCT):
+    for path in (AR_EXAMPLE, AUTO_EXAMPLE, RECONSTRUCT):
         wf = report["workflows"][str(copies[path])]
         assert wf["unknown"] == [], wf["unknown"]
         # the frontend turns the workflow into the same prompt as the tests' converter

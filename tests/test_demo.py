@@ -61,3 +61,43 @@ def test_comfyui_examples_use_the_demo_models_settings():
     (ar,) = nodes["flextok_ar_generate", "FlexTokARGenerate"]
     assert ar[3] == demo.AR_DEMO_SETTINGS["ar_guidance_scale"] and ar[5] == demo.AR_DEMO_SETTINGS["top_k"]
     assert dec[1] == demo.AR_DEMO_SETTINGS["guidance_scale"]
+
+
+def test_auto_tokens_example_decodes_what_it_scored():
+    """example_workflows/flextok_auto_tokens.json: the three held-out sample photos in one batch, the photo demo model,
+    a PSNR target the demo model reaches for some photos and not for others (13 dB: see README, Automatic token
+    budget), the model card's sampling, and a Decode with the same steps, guidance, APG and seed as the search, so it
+    renders the images that were scored."""
+    import json
+
+    ui = json.loads((demo.HERE / "example_workflows" / "flextok_auto_tokens.json").read_text())
+    nodes = {}
+    for node in ui["nodes"]:
+        nodes.setdefault(node["type"], []).append(node.get("widgets_values"))
+    photos = sorted(values[0] for values in nodes["LoadImage"])
+    assert photos == sorted(p.name for p in demo.SAMPLES.glob("*.jpg"))
+    assert nodes["FlexTokLoad"] == [["photo_tokenizer", "default", "auto"]]
+    (auto,), (dec,) = nodes["FlexTokAutoTokens"], nodes["FlexTokDecode"]
+    metric, target, candidates, fit, posterior_seed, *sampling = auto
+    assert (metric, target, candidates, fit) == ("psnr", 13.0, "", "center-crop")
+    assert sampling[:4] == dec[:4] == [25, 3.0, True, 0]  # steps, guidance_scale, use_apg, seed
+    assert sampling[4] == dec[4] == "fixed"
+    assert len(nodes["ImageBatch"]) == 2 and "PreviewAny" in nodes and "FlexTokSaveTokens" in nodes
+
+    # what the node computes (image i: posterior seed + i, noise seed + i): some photos reach the target, one not
+    import torch
+
+    from flextok_kit.images import load_batch
+    from flextok_kit.pipelines import FlexTokPipeline
+    from flextok_kit.pipelines.token_budget import choose_tokens
+
+    order = [values[0] for values in nodes["LoadImage"]]  # the batch order: the Image Batch nodes keep it
+    pipe = FlexTokPipeline.from_pretrained(demo.DEMO_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    x = torch.cat([load_batch([demo.SAMPLES / name], 64, fit) for name in order])
+    ids = torch.cat([pipe.tokenize(x[i:i + 1], generator=torch.Generator().manual_seed(posterior_seed + i))
+                     for i in range(3)])
+    res = choose_tokens(pipe, x, target, metric, ids=ids, num_inference_steps=sampling[0], guidance_scale=sampling[1],
+                        use_apg=sampling[2], generator=[torch.Generator().manual_seed(sampling[3] + i)
+                                                        for i in range(3)])
+    assert 0 < sum(res.reached) < 3 and min(res.num_tokens) < 16, res.summary()

@@ -223,3 +223,79 @@ def test_optional_ar_slots_round_trip(tmp_path, pipe):
     index = json.loads((tmp_path / "p" / "model_index.json").read_text())
     assert index["flextok"] == ["flextok_kit.flextok_core.model", "FlexTokModel"]
     assert index["scheduler"][1] == "FlexTokFlowScheduler"
+
+
+def test_call_lists_the_decoder_arguments_with_detokenizes_defaults():
+    import inspect
+
+    call = inspect.signature(FlexTokPipeline.__call__).parameters
+    detok = inspect.signature(FlexTokPipeline.detokenize).parameters
+    for name in ("num_inference_steps", "guidance_scale", "latents", "callback_on_step_end",
+                 "callback_on_step_end_tensor_inputs"):
+        assert name in call and call[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, name
+        assert call[name].default == detok[name].default, name
+
+
+def test_call_passes_the_listed_arguments_to_the_decoder(pipe):
+    seen = []
+    x = images(1)
+    out = pipe(image=x, num_tokens=4, num_inference_steps=3, guidance_scale=2.0, latents=noise_for(1),
+               callback_on_step_end=lambda p, i, t, d: seen.append((i, p.guidance_scale, p.num_timesteps)) or {},
+               output_type="latent", sample_posterior=False).images
+    assert seen == [(0, 2.0, 3), (1, 2.0, 3), (2, 2.0, 3)]
+    direct = pipe.detokenize(pipe.tokenize(x, num_tokens=4, sample_posterior=False), num_inference_steps=3,
+                             guidance_scale=2.0, latents=noise_for(1), output_type="latent").images
+    torch.testing.assert_close(out, direct, atol=0, rtol=0)
+
+
+def test_callback_reads_and_turns_off_guidance(pipe):
+    """diffusers' dynamic-CFG recipe: a callback sets ``pipe._guidance_scale`` for the remaining steps."""
+    seen = []
+
+    def guidance_off_after_half(p, i, t, tensors):
+        seen.append((i, p.guidance_scale, p.do_classifier_free_guidance, p.num_timesteps))
+        if i == p.num_timesteps // 2 - 1:
+            p._guidance_scale = 1.0
+        return {}
+
+    kw = dict(num_inference_steps=4, latents=noise_for(2), output_type="latent", use_apg=False)
+    with BatchSpy(pipe.flextok) as spy:
+        out = pipe.detokenize(ids_for(), guidance_scale=3.0, callback_on_step_end=guidance_off_after_half, **kw).images
+    assert seen == [(0, 3.0, True, 4), (1, 3.0, True, 4), (2, 1.0, False, 4), (3, 1.0, False, 4)]
+    assert spy.sizes == [4, 4, 2, 2]  # the unconditional pass stops with the guidance
+    scheduled = pipe.detokenize(ids_for(), guidance_schedule=lambda t: 3.0 if t > 0.6 else 1.0, **kw).images
+    torch.testing.assert_close(out, scheduled, atol=0, rtol=0)
+    # and on: an unguided run gets its unconditional pass when a callback asks for guidance
+    on = pipe.detokenize(ids_for(), guidance_scale=1.0, callback_on_step_end=lambda p, i, t, d: setattr(
+        p, "_guidance_scale", 3.0) or {}, **kw).images
+    ramp = pipe.detokenize(ids_for(), guidance_schedule=lambda t: 1.0 if t == 1.0 else 3.0, **kw).images
+    torch.testing.assert_close(on, ramp, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        pipe.detokenize(ids_for(), callback_on_step_end=lambda p, i, t, d: setattr(p, "_guidance_scale", -2) or {},
+                        **kw)
+
+
+def test_pipeline_without_vae(pipe, tmp_path):
+    from flextok_kit.flextok_core import vae_encode
+
+    x = images(2)
+    latents = vae_encode(pipe.vae, x, sample_posterior=False)
+    assert torch.equal(pipe.tokenize(latents), pipe.tokenize(x, sample_posterior=False))  # latents in: VAE skipped
+    bare = FlexTokPipeline(vae=None, flextok=pipe.flextok, scheduler=pipe.scheduler)
+    assert bare.vae is None and bare.vae_scale_factor == pipe.vae_scale_factor == 8
+    ids = bare.tokenize(latents)
+    assert torch.equal(ids, pipe.tokenize(latents))
+    kw = dict(num_inference_steps=2, latents=noise_for(2), output_type="latent")
+    torch.testing.assert_close(bare.detokenize(ids[:, :4], **kw).images, pipe.detokenize(ids[:, :4], **kw).images,
+                               atol=0, rtol=0)
+    assert bare(image=latents, num_tokens=[1, 4], num_inference_steps=1, output_type="latent").images.shape == \
+        (4, 16, 4, 4)
+    for call in (lambda: bare.detokenize(ids, num_inference_steps=1, output_type="pil"),
+                 lambda: bare.tokenize(x), lambda: bare(image=latents, output_type="pt"), bare.enable_vae_slicing):
+        with pytest.raises(ValueError, match="no VAE"):
+            call()
+    bare.save_pretrained(tmp_path / "bare")
+    loaded = FlexTokPipeline.from_pretrained(tmp_path / "bare")
+    assert loaded.vae is None and torch.equal(loaded.tokenize(latents), ids)
+    pipe.save_pretrained(tmp_path / "full")
+    assert FlexTokPipeline.from_pretrained(tmp_path / "full", vae=None).vae is None  # drop it at load time

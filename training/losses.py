@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..flextok_core.rng import rand, randn
+
 # the perceptual distance networks are the evaluation's (metrics.py); re-exported for repa.py
 
 
@@ -76,11 +78,12 @@ def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 # Rectified flow
 def sample_timesteps(batch: int, mode: str = "logit_normal", device=None, generator=None, mean: float = 0.0,
                      std: float = 1.0) -> torch.Tensor:
-    """t in (0, 1) (t = 1 is noise): ``uniform`` or ``logit_normal`` (sigmoid of N(mean, std))."""
+    """t in (0, 1) (t = 1 is noise): ``uniform`` or ``logit_normal`` (sigmoid of N(mean, std)), drawn on the
+    generator's device (CPU or ``device``) and returned on ``device``."""
     if mode == "uniform":
-        return torch.rand(batch, device=device, generator=generator)
+        return rand((batch,), generator, device=device)
     if mode == "logit_normal":
-        return torch.sigmoid(torch.randn(batch, device=device, generator=generator) * std + mean)
+        return torch.sigmoid(randn((batch,), generator, device=device) * std + mean)
     raise ValueError(f"timestep sampling must be uniform or logit_normal, got {mode!r}")
 
 

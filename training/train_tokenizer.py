@@ -30,6 +30,7 @@ from .config import config_from_argv, merged_defaults
 from .data import DATA_DEFAULTS, build_dataset, is_streaming, keyed_loader, make_loader, to_float
 from .loop import run_stage
 from ..flextok_core.nested_dropout import sample_keep_k
+from ..flextok_core.rng import rand, randn
 from .losses import build_mlp, repa_loss, sample_timesteps
 from .models import build_flextok, count_params, load_vae, save_pretrained_atomic, vae_downsample
 from .repa import build_repa_target
@@ -97,17 +98,22 @@ class TokenizerTrainModule(nn.Module):
         self.repa_weight = float(repa_weight)
 
     def forward(self, x0: torch.Tensor, repa_target: torch.Tensor | None = None, generator=None,
-                keep_k: torch.Tensor | None = None) -> dict:
+                keep_k: torch.Tensor | None = None, null_condition_mask: torch.Tensor | None = None) -> dict:
+        """Losses of a batch of latents. ``generator`` (CPU or the model's device, or None for the global RNGs)
+        draws nested dropout's k, the CFG dropout, t and the noise, in that order; k and the dropout mask are drawn
+        to the host (given, they are used as they are), so the decoder sizes its sequences without a device read."""
         model = self.flextok
         b, dev = x0.shape[0], x0.device
         n = model.config.num_registers
         values = model.register_values(x0)  # [B, N, 6], straight-through
         if keep_k is None:
-            keep_k = sample_keep_k(b, n, self.nested_dropout, device=dev, generator=generator)
-        null = torch.rand(b, device=dev, generator=generator) < self.cfg_dropout
+            keep_k = sample_keep_k(b, n, self.nested_dropout, generator=generator)
+        null = null_condition_mask
+        if null is None:
+            null = rand((b,), generator, device="cpu") < self.cfg_dropout
         registers = model.registers_from_values(values, keep_k, fast=self.fast, null_condition_mask=null)
         t = sample_timesteps(b, self.t_mode, dev, generator, self.t_mean, self.t_std)
-        noise = torch.randn(x0.shape, device=dev, generator=generator, dtype=torch.float32)
+        noise = randn(x0.shape, generator, device=dev, dtype=torch.float32)
         tb = t.view(b, 1, 1, 1)
         x_t = tb * noise + (1 - tb) * x0.float()
         use_repa = self.projector is not None and repa_target is not None
@@ -373,7 +379,7 @@ def latents_of(run: TokenizerRun, batch: dict, generator=None) -> torch.Tensor:
         mean, logvar = batch["moments"].to(device).float().chunk(2, dim=1)
         if run.cfg.vae.sample_posterior:
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            z = mean + std * torch.randn(mean.shape, device=device, generator=generator)
+            z = mean + std * randn(mean.shape, generator, device=device)
         else:
             z = mean
         return z * run.scaling_factor
