@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .evaluation import default_token_counts
+from .flextok_core.nested_dropout import pow2_token_counts
 from .pipelines import FlexTokPipeline
 from .pipelines.image_grid import labelled_grid, save_image_atomic
 
@@ -101,7 +101,7 @@ def main(argv=None):
     guidance = args.guidance if args.guidance is not None else (3.0 if "demo photo tokenizer" in source else 7.5)
     size = args.size or min(*pipe.default_image_size, 64)
     images, names = load_images(args.images, size)
-    ks = default_token_counts(pipe.num_registers)
+    ks = pow2_token_counts(pipe.num_registers)
 
     from .metrics import psnr
 
@@ -147,7 +147,7 @@ def generate_class_grid(folder: Path, args) -> Path:
     names = {int(i): str(c) for i, c in (ar.config.id2label or {}).items()}
     classes = list(range(ar.config.num_classes))
     n = min(ar.config.max_tokens, pipe.num_registers)
-    ks = default_token_counts(n)
+    ks = pow2_token_counts(n)
     s = max(1, args.samples)
     g = torch.Generator().manual_seed(args.seed)
     labels = [c for c in classes for _ in range(s)]                                   # class-major

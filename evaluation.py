@@ -22,12 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .flextok_core.nested_dropout import pow2_token_counts
 from .metrics import FeatureNet, fid, kid, psnr, resolve_perceptual, ssim, to_uint8
-
-
-def default_token_counts(n: int) -> list[int]:
-    counts = [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]
-    return counts + ([n] if counts[-1] != n else [])
 
 
 # -- reconstruction -----------------------------------------------------------------------------------
@@ -43,7 +39,7 @@ def evaluate_reconstruction(pipe, images: torch.Tensor, token_counts=None, num_i
     "kid_std"}`` (means over the images; FID/KID between the reconstructions and the inputs)."""
     device = pipe._execution_device
     n_reg = pipe.num_registers
-    counts = sorted(set(token_counts or default_token_counts(n_reg)))
+    counts = sorted(set(token_counts or pow2_token_counts(n_reg)))
     if counts[0] < 1 or counts[-1] > n_reg:
         raise ValueError(f"token counts {counts}: this model decodes 1..{n_reg} tokens")
     net, pname = resolve_perceptual(perceptual)
@@ -111,7 +107,7 @@ def evaluate_generation(pipe, reference: torch.Tensor, feature_net: FeatureNet, 
     if pipe.ar_model is None:
         raise ValueError("this pipeline has no AR model: generation metrics need one")
     limit = min(pipe.ar_model.config.max_tokens, pipe.num_registers)
-    counts = sorted(set(token_counts or default_token_counts(limit)))
+    counts = sorted(set(token_counts or pow2_token_counts(limit)))
     if counts[0] < 1 or counts[-1] > limit:
         raise ValueError(f"token counts {counts}: this AR model generates 1..{limit} tokens")
     if prompts is None and class_labels is None:

@@ -40,7 +40,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from flextok_kit.evaluation import default_token_counts
+from flextok_kit.flextok_core.nested_dropout import pow2_token_counts
 from flextok_kit.images import load_batch
 from flextok_kit.pipelines import FlexTokPipeline
 from flextok_kit.pipelines.image_grid import labelled_grid, save_image_atomic
@@ -200,7 +200,7 @@ def main(argv=None):
         pipe.set_progress_bar_config(disable=True)
         pipes[model] = pipe
         x = images()
-        res = evaluate(name, pipe, x, default_token_counts(pipe.num_registers), metrics, decode_kw)
+        res = evaluate(name, pipe, x, pow2_token_counts(pipe.num_registers), metrics, decode_kw)
         results.append(res)
         print(markdown(res))
         print(f"\nimages whose score never gets worse with more tokens: {res['monotone_images']} of {res['images']}; "

@@ -3,19 +3,21 @@ sequence learns to stand for the whole image. The decoder replaces the dropped r
 a learned mask token (:func:`.registers.mask_dropped`)."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .rng import randint
 
 
+def pow2_token_counts(num_registers: int) -> list[int]:
+    """1, 2, 4, ... up to N, and N: the prefix lengths nested dropout trains (``pow2``), so also the natural ones to
+    evaluate or search over."""
+    counts = [2 ** i for i in range(num_registers.bit_length()) if 2 ** i <= num_registers]
+    return counts + ([num_registers] if counts[-1] != num_registers else [])
+
+
 def keep_k_choices(num_registers: int, mode: str = "pow2") -> torch.Tensor:
     if mode == "pow2":
-        ks = [2 ** i for i in range(int(math.log2(num_registers)) + 1)]
-        if ks[-1] != num_registers:
-            ks.append(num_registers)
-        return torch.tensor(ks)
+        return torch.tensor(pow2_token_counts(num_registers))
     if mode == "uniform":
         return torch.arange(1, num_registers + 1)
     if mode == "none":
@@ -32,4 +34,4 @@ def sample_keep_k(batch: int, num_registers: int, mode: str = "pow2", device=Non
     return choices[idx].to(device)
 
 
-__all__ = ["keep_k_choices", "sample_keep_k"]
+__all__ = ["keep_k_choices", "pow2_token_counts", "sample_keep_k"]

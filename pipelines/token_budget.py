@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from ..evaluation import default_token_counts
+from ..flextok_core.nested_dropout import pow2_token_counts
 from ..flextok_core.checks import check_float, check_int
 from ..metrics import build_perceptual, psnr, ssim
 
@@ -116,7 +116,7 @@ def check_target(metric: Metric, target) -> float:
 def check_candidates(candidates, n: int) -> list[int]:
     """None -> the powers of two up to N (and N); else a non-empty list of ints in 1..N, sorted, repeats dropped."""
     if candidates is None:
-        return default_token_counts(n)
+        return pow2_token_counts(n)
     if isinstance(candidates, torch.Tensor):
         candidates = candidates.reshape(-1).tolist()
     if isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__iter__"):

@@ -55,7 +55,7 @@ def test_comfyui_examples_use_the_demo_models_settings():
     assert (demo.SAMPLES / image).is_file(), image
     for name in ("flextok_reconstruct", "flextok_ar_generate"):
         (k_values, *c2f), = nodes[name, "FlexTokCoarseToFine"]
-        assert [int(k) for k in k_values.split(",")] == demo.default_token_counts(16), name
+        assert [int(k) for k in k_values.split(",")] == demo.pow2_token_counts(16), name
         (dec,) = nodes[name, "FlexTokDecode"]
         assert c2f[:3] == dec[:3] == [25, 3.0, True], name  # steps, guidance_scale, use_apg
     (ar,) = nodes["flextok_ar_generate", "FlexTokARGenerate"]
