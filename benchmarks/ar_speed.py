@@ -8,6 +8,12 @@ Usage::
 
     python benchmarks/ar_speed.py            # full run (several minutes on 2 cores)
     python benchmarks/ar_speed.py --quick    # tiny model, batch 1/2, 16/256 tokens: checks the script runs
+    python benchmarks/ar_speed.py --dtype bfloat16   # cached sampling in bfloat16 vs float32 (same weights)
+
+With ``--dtype bfloat16`` (or float16) only the cached path runs, in float32 and in that dtype (``model.to(dtype)``,
+what the CLI's ``--dtype`` and the ComfyUI Load node do), and the summary gives the speed-up, the share of sampled
+tokens equal to float32's (sampling diverges after the first token whose logits round differently) and the
+machine's own matmul ratio and CPU flags (cpu_report.py).
 
 What the numbers mean
 ---------------------
@@ -58,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--no-cache-steps", type=int, default=6,
                    help="steps timed for a no-cache estimate (also computed for full rows, to check it; 0 = none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="compare cached sampling in this dtype with float32 (skips the no-cache rows)")
     args = p.parse_args(argv)
     q = args.quick
     args.batches = [int(b) for b in (args.batches or ("1,2" if q else "1,8")).split(",") if b.strip()]
@@ -145,12 +153,34 @@ def header(args, model) -> str:
     ])
 
 
+def compare_dtypes(args, model):
+    """Cached sampling, float32 vs ``--dtype``: speed-up and agreement of the sampled tokens."""
+    low = build_model(args).to(getattr(torch, args.dtype))
+    for m in (model, low):
+        m.generate(labels_for(1), num_tokens=8, guidance_scale=args.guidance)
+    print()
+    print(f"{'batch':>5} {'tokens':>6} {'float32 s':>9} {args.dtype + ' s':>10} {'speed-up':>8} {'same tokens':>11}")
+    for batch in args.batches:
+        for n in args.tokens:
+            ref, other = (run_generate(m, args, batch, n, True) for m in (model, low))
+            same = float((ref["tokens"] == other["tokens"]).float().mean())
+            print(f"{batch:>5} {n:>6} {ref['s']:9.2f} {other['s']:10.2f} {ref['s'] / other['s']:8.2f} {same:11.1%}",
+                  flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     model = build_model(args)
     print(header(args, model), flush=True)
     t_start = time.perf_counter()
+    if args.dtype != "float32":
+        from cpu_report import describe
+
+        print(describe(args.threads, args.dtype))
+        compare_dtypes(args, model)
+        print(f"\nwall time {time.perf_counter() - t_start:.0f} s")
+        return
     for use_cache in (True, False):  # first calls pay one-off allocation and thread-pool start-up
         model.generate(labels_for(1), num_tokens=8, guidance_scale=args.guidance, use_cache=use_cache)
 

@@ -10,6 +10,17 @@ Usage::
 
     python benchmarks/decode_speed.py            # full run: d12-d12, 256x256, 25 steps, 2 threads (minutes)
     python benchmarks/decode_speed.py --quick    # tiny model, few steps: checks the script runs (seconds)
+    python benchmarks/decode_speed.py --dtype bfloat16      # + the bf16 fast path vs the float32 paths
+    python benchmarks/decode_speed.py --dtype bfloat16 --batches 1,4,8 --steps 10 --ks 256
+                                                 # cost per image vs batch size, both dtypes
+
+With ``--dtype bfloat16`` (or float16) every k also runs the fast path in that dtype (``pipe.set_precision``, the
+path of the CLI's ``--dtype`` and the ComfyUI Load node), from the same weights and noise, and tokenize runs in
+both dtypes. The summary gives its speed-up over the float32 plain path (the issue-14 targets: >= 4.5x at k=256,
+>= 6x at k=16, tokenize >= 2.5x) and over the float32 fast path, the image deviation from the float32 fast path
+(max and mean |difference| in [0, 1]; targets <= 2e-2 and <= 2e-3), the share of token ids that agree, and the
+machine's own bf16/fp32 matmul ratio and AMX / AVX512-BF16 flags (cpu_report.py), without which a ratio from a
+CPU without AMX cannot be read.
 
 What the numbers mean
 ---------------------
@@ -85,6 +96,11 @@ def parse_args(argv=None):
     p.add_argument("--tok-batch", type=int, default=None, help="tokenize batch size (default 4; 2 with --quick)")
     p.add_argument("--tok-ks", default="256,16", help="comma-separated num_tokens for tokenize, '' to skip (default 256,16)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, ids, noise and images (default 0)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="also run the fast path (and tokenize) in this dtype and compare it with float32")
+    p.add_argument("--batches", default="",
+                   help="comma-separated batch sizes: instead of the path comparison, the cost per image of the fast "
+                        "path (detokenize at --ks, tokenize) at each batch size, in float32 and --dtype")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="run every configuration in a fresh spawned process (default: yes, no with --quick)")
     args = p.parse_args(argv)
@@ -97,6 +113,8 @@ def parse_args(argv=None):
     args.isolate = (not q) if args.isolate is None else args.isolate
     args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
     args.tok_ks = [int(k) for k in args.tok_ks.split(",") if k.strip()]
+    args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    args.dtypes = ["float32"] + ([args.dtype] if args.dtype != "float32" else [])
     args.model = dict(QUICK_MODEL if q else FULL_MODEL)
     args.vae = dict(QUICK_VAE if q else FULL_VAE)
     return args
@@ -141,7 +159,7 @@ def peak_rss_mib() -> float:
 # ----------------------------------------------------------------------------------------------------------
 # model construction (deterministic in the seed, so every process builds the same weights)
 # ----------------------------------------------------------------------------------------------------------
-def build_pipeline(args):
+def build_pipeline(args, dtype: str = "float32"):
     import torch
     from diffusers import AutoencoderKL
     from flextok_kit.flextok_core import FlexTokModel
@@ -170,7 +188,7 @@ def build_pipeline(args):
             assert m.weight.abs().sum() > 0, f"{name} is all-zero"
     pipe = FlexTokPipeline(vae=vae.eval(), flextok=model.eval(), scheduler=FlexTokPipeline.default_scheduler())
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.set_precision(getattr(torch, dtype))  # the CLI's --dtype path (float32: unchanged)
 
 
 def decode_inputs(args, pipe, k):
@@ -231,13 +249,13 @@ def vae_decode_gflop(args) -> float:
 # ----------------------------------------------------------------------------------------------------------
 # one decode configuration
 # ----------------------------------------------------------------------------------------------------------
-def run_decode_config(args, k: int, fast: bool, pipe=None) -> dict:
+def run_decode_config(args, k: int, fast: bool, pipe=None, dtype: str = "float32") -> dict:
     import torch
     from flextok_kit.flextok_core import vae_decode
 
     torch.set_num_threads(args.threads)
     if pipe is None:
-        pipe = build_pipeline(args)
+        pipe = build_pipeline(args, dtype)
     ids, noise = decode_inputs(args, pipe, k)
     common = dict(guidance_scale=args.guidance, use_apg=not args.no_apg, latents=noise, fast_decoding=fast)
 
@@ -272,7 +290,7 @@ def run_decode_config(args, k: int, fast: bool, pipe=None) -> dict:
     peak = peak_rss_mib()
     lat = best["latents"]
     return dict(
-        k=k, fast=fast, warmup_s=warmup_s, all_total_s=[r["total_s"] for r in runs],
+        k=k, fast=fast, dtype=dtype, warmup_s=warmup_s, all_total_s=[r["total_s"] for r in runs],
         total_s=best["total_s"], loop_s=best["loop_s"], vae_s=best["vae_s"], cpu_s=best["cpu_s"],
         rss_before_mib=rss_before, peak_mib=peak, work_mib=peak - rss_before, loop_work_mib=loop_peak - rss_before,
         peak_reset=peak_reset, finite=bool(torch.isfinite(lat).all()), latent_std=float(lat.std()),
@@ -283,13 +301,13 @@ def run_decode_config(args, k: int, fast: bool, pipe=None) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # tokenize throughput
 # ----------------------------------------------------------------------------------------------------------
-def run_tokenize(args, pipe=None) -> list[dict]:
+def run_tokenize(args, pipe=None, dtype: str = "float32") -> list[dict]:
     import torch
     from flextok_kit.flextok_core import vae_encode
 
     torch.set_num_threads(args.threads)
     if pipe is None:
-        pipe = build_pipeline(args)
+        pipe = build_pipeline(args, dtype)
     g = torch.Generator().manual_seed(args.seed + 2)
     images = torch.rand(args.tok_batch, 3, args.size, args.size, generator=g) * 2 - 1
     warm_k = min(args.tok_ks)
@@ -300,7 +318,7 @@ def run_tokenize(args, pipe=None) -> list[dict]:
         ids = pipe.tokenize(images, num_tokens=k, generator=torch.Generator().manual_seed(0))
         total = time.perf_counter() - t0
         assert ids.shape == (args.tok_batch, k)
-        out.append(dict(k=k, total_s=total))
+        out.append(dict(k=k, total_s=total, ids=ids.numpy()))
     # split: VAE encode vs FlexTok encoder (+FSQ), timed separately on the same inputs
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -308,7 +326,7 @@ def run_tokenize(args, pipe=None) -> list[dict]:
         vae_s = time.perf_counter() - t0
         for row in out:
             t0 = time.perf_counter()
-            pipe.flextok.encode(latents, num_tokens=row["k"])
+            pipe.flextok.encode(latents.to(pipe.flextok.dtype), num_tokens=row["k"])
             row["encoder_s"] = time.perf_counter() - t0
             row["vae_s"] = vae_s
     return out
@@ -325,18 +343,21 @@ def _in_fresh_process(fn, *fn_args):
 def header(args) -> str:
     import diffusers
     import torch
+    from cpu_report import describe
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
     lines = [
         f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | "
         f"cpu_count={os.cpu_count()} | threads={args.threads} | loadavg(1/5/15m)="
         + "/".join(f"{x:.2f}" if isinstance(x, float) else x for x in load),
+        describe(args.threads, args.dtype),
         f"python {platform.python_version()} | torch {torch.__version__} | diffusers {diffusers.__version__}",
         (f"model: {'QUICK tiny' if args.quick else 'd12-d12'} "
          f"enc {args.model['encoder_dim']}x{args.model['encoder_depth']} / dec {args.model['decoder_dim']}x"
          f"{args.model['decoder_depth']} (head_dim {args.model['decoder_head_dim']}), "
          f"{args.model['num_registers']} registers, grid {args.model['grid_size']}, "
-         f"VAE {list(args.vae['block_out_channels'])} x{args.vae['layers_per_block']}, random weights, float32"),
+         f"VAE {list(args.vae['block_out_channels'])} x{args.vae['layers_per_block']}, random weights, "
+         f"dtypes {' and '.join(args.dtypes)}"),
         (f"decode: batch {args.batch}, {args.size}x{args.size}, {args.steps} steps (warm-up {args.warmup_steps}), "
          f"guidance {args.guidance} {'CFG' if args.no_apg else 'APG'}, repeats {args.repeats}, "
          f"{'fresh process per configuration' if args.isolate else 'in-process'}"),
@@ -344,94 +365,192 @@ def header(args) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    import numpy as np
-    import torch
+class Runner:
+    """Runs a configuration in a fresh process (``--isolate``) or in-process on one pipeline per dtype."""
 
-    torch.set_num_threads(args.threads)
-    print(header(args), flush=True)
-    t_start = time.perf_counter()
+    def __init__(self, args):
+        self.args = args
+        self.pipes = {}
 
-    shared_pipe = None
-    if not args.isolate:
-        shared_pipe = build_pipeline(args)
-        print(f"(pipeline built in-process; RSS {rss_mib():.0f} MiB)", flush=True)
+    def __call__(self, fn, *fn_args, dtype: str = "float32"):
+        if self.args.isolate:
+            return _in_fresh_process(fn, self.args, *fn_args, None, dtype)
+        if dtype not in self.pipes:
+            self.pipes[dtype] = build_pipeline(self.args, dtype)
+        return fn(self.args, *fn_args, self.pipes[dtype], dtype)
 
+
+def decode_all(args, run: Runner) -> dict:
+    """(k, fast, dtype) -> run_decode_config result: both float32 paths, and the fast path in ``--dtype``."""
     results = {}
     for k in args.ks:
-        for fast in (False, True):
-            if args.isolate:
-                r = _in_fresh_process(run_decode_config, args, k, fast)
-            else:
-                r = run_decode_config(args, k, fast, shared_pipe)
-            results[k, fast] = r
-            print(f"  done k={k:<3d} {'fast ' if fast else 'plain'}: {r['total_s']:.2f} s "
+        for fast, dtype in [(False, "float32"), (True, "float32")] + [(True, d) for d in args.dtypes[1:]]:
+            r = results[k, fast, dtype] = run(run_decode_config, k, fast, dtype=dtype)
+            print(f"  done k={k:<3d} {'fast ' if fast else 'plain'} {dtype}: {r['total_s']:.2f} s "
                   f"(warm-up {r['warmup_s']:.2f} s, cpu/wall {r['cpu_s'] / r['total_s']:.2f})", flush=True)
+    return results
 
-    if args.tok_ks:
-        tok = _in_fresh_process(run_tokenize, args) if args.isolate else run_tokenize(args, shared_pipe)
-    else:
-        tok = []
 
-    # -- report ----------------------------------------------------------------------------------------
-    n = args.model["num_registers"]
+def report_rows(args, results: dict):
     vae_gf = vae_decode_gflop(args)
     print()
     print("detokenize, one call each (seq = decoder tokens per sample, cond+uncond; GFLOP = analytic decoder FLOPs of "
           "all steps + VAE decode)")
-    print(f"{'k':>4} {'path':>5} {'seq':>9} {'GFLOP':>7} {'total s':>8} {'loop s':>8} {'vae s':>7} {'cpu s':>7} "
-          f"{'cpu/wall':>8} {'loop GFLOP/s':>12}  peak RSS MiB (+loop, +total over loaded model)")
-    for (k, fast), r in results.items():
+    print(f"{'k':>4} {'path':>5} {'dtype':>8} {'seq':>9} {'GFLOP':>7} {'total s':>8} {'loop s':>8} {'vae s':>7} "
+          f"{'cpu s':>7} {'cpu/wall':>8} {'loop GFLOP/s':>12}  peak RSS MiB (+loop, +total over loaded model)")
+    for (k, fast, dtype), r in results.items():
         gf = args.steps * decoder_gflop(args, k, fast)
         seq = "+".join(str(x) for x in seq_lengths(args, k, fast))
-        print(f"{k:>4} {'fast' if fast else 'plain':>5} {seq:>9} {gf + vae_gf:7.4g} {r['total_s']:8.2f} "
+        print(f"{k:>4} {'fast' if fast else 'plain':>5} {dtype:>8} {seq:>9} {gf + vae_gf:7.4g} {r['total_s']:8.2f} "
               f"{r['loop_s']:8.2f} {r['vae_s']:7.2f} {r['cpu_s']:7.1f} {r['cpu_s'] / r['total_s']:8.2f} "
               f"{gf / r['loop_s']:12.1f}  {r['peak_mib']:7.0f} (+{r['loop_work_mib']:.0f}, +{r['work_mib']:.0f})")
+    print(f"  VAE decode: {vae_gf:.0f} GFLOP per call (FlopCounterMode)")
+    if not all(r["peak_reset"] for r in results.values()):
+        print("  note: /proc/self/clear_refs not writable; peak is ru_maxrss (includes model construction)")
+    contended = [f"k={k} {'fast' if f else 'plain'} {d}" for (k, f, d), r in results.items()
+                 if r["cpu_s"] / r["total_s"] < 0.8 * min(args.threads, os.cpu_count() or 1)]
+    if contended:
+        print(f"  WARNING: cpu/wall well below {args.threads} for {', '.join(contended)}: the process did not get its "
+              "cores (other load on the machine); those timings and the ratios built on them are unreliable")
+    if not all(r["finite"] for r in results.values()):
+        print("  WARNING: non-finite latents in " + ", ".join(f"k={k} {d}" for (k, _, d), r in results.items()
+                                                           if not r["finite"]))
+
+
+def report_paths(args, results: dict) -> list[str]:
+    """float32 plain vs fast: the exact fast path's speed-up and agreement."""
+    import numpy as np
+
+    n = args.model["num_registers"]
     print()
-    print("summary: plain vs fast. ideal loop = FLOP ratio of the denoising loops (their matmuls scale linearly with "
+    print("float32 plain vs fast. ideal loop = FLOP ratio of the denoising loops (their matmuls scale linearly with "
           "the token count); expected = the total ratio if the fast loop ran at the plain loop's GFLOP/s, with the "
           "measured VAE times")
     print(f"{'k':>4} {'plain s':>8} {'fast s':>8} {'plain/fast':>10} {'expected':>8} {'loop ratio':>10} "
           f"{'ideal loop':>10} {'plain MiB':>9} {'fast MiB':>9} {'max|dlat|':>10} {'max|dimg|':>10}")
     verdicts = []
     for k in args.ks:
-        a, b = results[k, False], results[k, True]
+        a, b = results[k, False, "float32"], results[k, True, "float32"]
         ratio = a["total_s"] / b["total_s"]
-        loop_ratio = a["loop_s"] / b["loop_s"]
         ideal_loop = decoder_gflop(args, k, False) / decoder_gflop(args, k, True)
         expected = a["total_s"] / (a["loop_s"] / ideal_loop + b["vae_s"])
         dlat = float(np.abs(a["latents"] - b["latents"]).max())
         dimg = float(np.abs(a["image"] - b["image"]).max())
-        print(f"{k:>4} {a['total_s']:8.2f} {b['total_s']:8.2f} {ratio:10.2f} {expected:8.2f} {loop_ratio:10.2f} "
-              f"{ideal_loop:10.2f} {a['peak_mib']:9.0f} {b['peak_mib']:9.0f} {dlat:10.2e} {dimg:10.2e}")
+        print(f"{k:>4} {a['total_s']:8.2f} {b['total_s']:8.2f} {ratio:10.2f} {expected:8.2f} "
+              f"{a['loop_s'] / b['loop_s']:10.2f} {ideal_loop:10.2f} {a['peak_mib']:9.0f} {b['peak_mib']:9.0f} "
+              f"{dlat:10.2e} {dimg:10.2e}")
         target = 1.8 if k <= 16 else 1.25 if k >= n else None
         if target is not None:
-            verdicts.append(f"k={k}: plain/fast {ratio:.2f} (target >= {target}) -> "
+            verdicts.append(f"k={k}: float32 plain/fast {ratio:.2f} (target >= {target}) -> "
                             f"{'MET' if ratio >= target else 'MISSED'}"
                             + (" (--quick: tiny model, not meaningful)" if args.quick else ""))
-        if not (a["finite"] and b["finite"]):
-            verdicts.append(f"k={k}: non-finite latents (plain {a['finite']}, fast {b['finite']})")
-    print(f"  VAE decode: {vae_gf:.0f} GFLOP per call (FlopCounterMode); latent std of final latents: "
-          + ", ".join(f"k={k} {results[k, False]['latent_std']:.3g}" for k in args.ks))
-    if not all(r["peak_reset"] for r in results.values()):
-        print("  note: /proc/self/clear_refs not writable; peak is ru_maxrss (includes model construction)")
-    contended = [f"k={k} {'fast' if f else 'plain'}" for (k, f), r in results.items()
-                 if r["cpu_s"] / r["total_s"] < 0.8 * min(args.threads, os.cpu_count() or 1)]
-    if contended:
-        print(f"  WARNING: cpu/wall well below {args.threads} for {', '.join(contended)}: the process did not get its "
-              "cores (other load on the machine); those timings and the ratios built on them are unreliable")
-    for v in verdicts:
-        print("  " + v)
+    return verdicts
 
-    if tok:
+
+DTYPE_TARGETS = {256: 4.5, 16: 6.0}  # issue 14: reduced-precision fast path vs the float32 plain path, per k
+TOKENIZE_TARGET, MAX_DEV, MEAN_DEV = 2.5, 2e-2, 2e-3
+
+
+def report_dtype(args, results: dict) -> list[str]:
+    """The reduced-precision fast path vs both float32 paths: speed-ups and image deviations."""
+    import numpy as np
+
+    dtype = args.dtype
+    print()
+    print(f"{dtype} fast path vs float32 (same weights, ids and noise; deviation = |{dtype} fast - float32 fast| of "
+          "the images in [0, 1])")
+    print(f"{'k':>4} {'fp32 plain s':>12} {'fp32 fast s':>11} {dtype + ' s':>10} {'vs plain':>8} {'vs fast':>8} "
+          f"{'loop vs fast':>12} {'vae vs fast':>11} {'max|dimg|':>10} {'mean|dimg|':>10}")
+    verdicts = []
+    for k in args.ks:
+        plain, fast, low = (results[k, False, "float32"], results[k, True, "float32"], results[k, True, dtype])
+        vs_plain, vs_fast = plain["total_s"] / low["total_s"], fast["total_s"] / low["total_s"]
+        diff = np.abs(low["image"] - fast["image"])
+        print(f"{k:>4} {plain['total_s']:12.2f} {fast['total_s']:11.2f} {low['total_s']:10.2f} {vs_plain:8.2f} "
+              f"{vs_fast:8.2f} {fast['loop_s'] / low['loop_s']:12.2f} {fast['vae_s'] / low['vae_s']:11.2f} "
+              f"{diff.max():10.2e} {diff.mean():10.2e}")
+        target = DTYPE_TARGETS.get(k)
+        quick = " (--quick: tiny model, not meaningful)" if args.quick else ""
+        if target is not None:
+            verdicts.append(f"k={k}: {dtype} fast vs float32 plain {vs_plain:.2f}x (target >= {target}) -> "
+                            f"{'MET' if vs_plain >= target else 'MISSED'}{quick}")
+        ok = diff.max() <= MAX_DEV and diff.mean() <= MEAN_DEV
+        verdicts.append(f"k={k}: image deviation max {diff.max():.2e} (<= {MAX_DEV:g}), mean {diff.mean():.2e} "
+                        f"(<= {MEAN_DEV:g}) -> {'MET' if ok else 'MISSED'}{quick}")
+    return verdicts
+
+
+def report_tokenize(args, tok: dict) -> list[str]:
+    import numpy as np
+
+    print()
+    print(f"tokenize (batch {args.tok_batch} x {args.size}x{args.size}; VAE encode + encoder + FSQ)")
+    print(f"{'dtype':>8} {'tokens':>6} {'total s':>8} {'images/s':>9} {'vae enc s':>9} {'encoder s':>9} "
+          f"{'vs fp32':>7} {'same ids':>8}")
+    verdicts = []
+    for dtype, rows in tok.items():
+        for row, ref in zip(rows, tok["float32"]):
+            ratio = ref["total_s"] / row["total_s"]
+            same = float(np.mean(row["ids"] == ref["ids"]))
+            print(f"{dtype:>8} {row['k']:>6} {row['total_s']:8.2f} {args.tok_batch / row['total_s']:9.2f} "
+                  f"{row['vae_s']:9.2f} {row['encoder_s']:9.2f} {ratio:7.2f} {same:8.1%}")
+            if dtype != "float32":
+                verdicts.append(f"tokenize k={row['k']}: {dtype} vs float32 {ratio:.2f}x (target >= "
+                                f"{TOKENIZE_TARGET}) -> {'MET' if ratio >= TOKENIZE_TARGET else 'MISSED'}"
+                                + (" (--quick: not meaningful)" if args.quick else ""))
+    return verdicts
+
+
+def run_batch_cost(args, batch: int, pipe=None, dtype: str = "float32") -> dict:
+    """Cost per image of the fast path at one batch size: detokenize at every k of --ks, and tokenize."""
+    import copy
+
+    args = copy.copy(args)
+    args.batch, args.tok_batch, args.repeats = batch, batch, 1
+    pipe = pipe or build_pipeline(args, dtype)
+    reset_peak_rss()
+    out = {f"detok k={k}": run_decode_config(args, k, True, pipe, dtype)["total_s"] / batch for k in args.ks}
+    if args.tok_ks:
+        out["tokenize"] = run_tokenize(args, pipe, dtype)[0]["total_s"] / batch
+    out["peak_mib"] = peak_rss_mib()
+    return out
+
+
+def report_batches(args, run: Runner):
+    print()
+    print(f"cost per image vs batch size (fast path, {args.steps} steps; tokenize at {args.tok_ks[:1]} tokens)"
+          + ("; each row a fresh process" if args.isolate else ""))
+    for dtype in args.dtypes:
+        rows = {b: run(run_batch_cost, b, dtype=dtype) for b in args.batches}
+        first = rows[args.batches[0]]
+        for b, row in rows.items():
+            cells = " | ".join(f"{name} {sec:.2f} s/image (speed-up over batch {args.batches[0]}: {first[name] / sec:.2f}x)"
+                               for name, sec in row.items() if name != "peak_mib")
+            print(f"  {dtype:>8} batch {b:>2}: {cells} | peak RSS {row['peak_mib']:.0f} MiB", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(header(args), flush=True)
+    t_start = time.perf_counter()
+    run = Runner(args)
+    if args.batches:
+        report_batches(args, run)
+    else:
+        results = decode_all(args, run)
+        tok = {d: run(run_tokenize, dtype=d) for d in args.dtypes} if args.tok_ks else {}
+        report_rows(args, results)
+        verdicts = report_paths(args, results)
+        if args.dtype != "float32":
+            verdicts += report_dtype(args, results)
+        if tok:
+            verdicts += report_tokenize(args, tok)
         print()
-        print(f"tokenize (batch {args.tok_batch} x {args.size}x{args.size}; VAE encode + encoder + FSQ)")
-        print(f"{'tokens':>6} {'total s':>8} {'images/s':>9} {'vae enc s':>9} {'encoder s':>9} {'enc images/s':>12}")
-        for row in tok:
-            print(f"{row['k']:>6} {row['total_s']:8.2f} {args.tok_batch / row['total_s']:9.2f} {row['vae_s']:9.2f} "
-                  f"{row['encoder_s']:9.2f} {args.tok_batch / row['encoder_s']:12.2f}")
-
+        for v in verdicts:
+            print("  " + v)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print()
     print(f"wall time {time.perf_counter() - t_start:.0f} s"

@@ -32,6 +32,7 @@ from torch import nn
 
 from .layers import SwiGLU, swiglu_hidden_dim
 from .checks import check_float, check_int
+from .precision import cpu_attention_fallback, quiet_fp32_cast_warning
 from .guidance import GUIDANCE_SCHEDULES, cfg_logits, check_guidance_scale, guidance_scales
 from .rng import host_values, multinomial, rand
 
@@ -132,7 +133,8 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(start, k, v)  # [B, H, start+T, hd]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        with cpu_attention_fallback(q.dtype, q.device):
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(o.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -222,6 +224,10 @@ class FlexTokAR(ModelMixin, ConfigMixin):
     """
 
     config_name = "config.json"
+
+    def to(self, *args, **kwargs):
+        with quiet_fp32_cast_warning():  # diffusers' warning names no module here ([]): it is wrong
+            return super().to(*args, **kwargs)
 
     @register_to_config
     def __init__(

@@ -66,4 +66,5 @@ class FlexTokEncoder(nn.Module):
     def forward(self, latents: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
         """Latents ``[B,C,h,w]`` -> register latents ``[B,k,latent_dim]`` for the first ``k = num_tokens``
         registers (before FSQ)."""
-        return self.to_latents(layer_norm(self.encode_registers(latents, num_tokens)))
+        h = layer_norm(self.encode_registers(latents, num_tokens))
+        return self.to_latents(h.to(self.to_latents.weight.dtype))  # to_latents may be kept in float32

@@ -9,7 +9,14 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from .decoder import FlexTokDecoder
 from .encoder import FlexTokEncoder
 from .fsq import FSQ
+from .precision import quiet_fp32_cast_warning
 from .registers import RegisterSequences
+
+# Kept in float32 when the model runs in bfloat16 / float16: the timestep embedding and every adaLN (computed
+# once per sampling run for all steps), the decoder's output projection (the velocity the float32 Euler update
+# integrates) and the encoder's projection to the FSQ latents (rounding there flips token ids). Together they
+# are <4% of the FLOPs of a step and of the parameters.
+KEEP_IN_FP32 = ["time_embed", "adaLN", "final_adaLN", "proj_out", "to_latents"]
 
 
 class FlexTokModel(ModelMixin, ConfigMixin):
@@ -24,6 +31,7 @@ class FlexTokModel(ModelMixin, ConfigMixin):
     """
 
     config_name = "config.json"
+    _keep_in_fp32_modules = KEEP_IN_FP32
 
     @register_to_config
     def __init__(
@@ -58,6 +66,28 @@ class FlexTokModel(ModelMixin, ConfigMixin):
             latent_channels, patch_size, decoder_dim, decoder_depth, decoder_head_dim, decoder_mlp_ratio,
             num_registers, grid_size, self.fsq.dim, null_condition, adaln_expansion, time_embed_dim, max_timestep,
         )
+
+    # -- precision ----------------------------------------------------------------------------------
+    def _keeps_fp32(self, name: str) -> bool:
+        return any(module in name.split(".") for module in self._keep_in_fp32_modules)  # diffusers' loading rule
+
+    def _apply(self, fn, recurse=True):
+        """Every conversion (``.to(torch.bfloat16)``, ``.half()``, ...) leaves the :data:`KEEP_IN_FP32` parameters
+        in float32, with their original float32 values, so ``.to(dtype)`` gives exactly the model that
+        ``from_pretrained(..., torch_dtype=dtype)`` loads."""
+        kept = {name: p.data for name, p in self.named_parameters() if self._keeps_fp32(name)
+                and p.dtype == torch.float32}
+        out = super()._apply(fn, recurse)
+        target = fn(torch.zeros((), dtype=torch.float32))  # where this conversion sends a float32 tensor
+        if kept and target.dtype != torch.float32 and target.dtype.is_floating_point:
+            for name, p in self.named_parameters():
+                if name in kept and p.dtype != torch.float32:
+                    p.data = kept[name].to(target.device)
+        return out
+
+    def to(self, *args, **kwargs):
+        with quiet_fp32_cast_warning():
+            return super().to(*args, **kwargs)
 
     @property
     def vocab_size(self) -> int:
