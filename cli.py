@@ -90,8 +90,9 @@ def resolve_device(name: str) -> str:
 
 
 def resolve_dtype(name: str, device: str) -> str:
-    """``--dtype`` of the tokenizer and AR model (the VAE always runs in float32): ``auto`` = float32 on the CPU;
-    on a GPU bfloat16 where the device supports it, else float16."""
+    """``--dtype`` of the models (``FlexTokPipeline.set_precision``; a float16 VAE runs in float32): ``auto`` =
+    float32 on the CPU (the same outputs on every CPU; pass bfloat16 for speed on CPUs with AMX), on a GPU bfloat16
+    where the device supports it, else float16."""
     import torch
 
     if name != "auto":
@@ -122,14 +123,24 @@ def load_pipeline(args):
     args.device = resolve_device(args.device)
     args.dtype = resolve_dtype(args.dtype, args.device)  # the resolved name is what token files record
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    for model in (pipe.flextok, pipe.ar_model):  # the VAE stays in float32, as the release runs it
-        if model is not None and dtype != model.dtype:
-            model.to(dtype=dtype)
+    pipe.set_precision(dtype)  # the same path as pipe.to(dtype) (the VAE stays float32 under float16)
     try:
         pipe.to(args.device)
     except (RuntimeError, AssertionError) as e:  # torch's "not compiled with CUDA", an unknown device string
         raise CLIError(f"--device {args.device}: {e}") from e
+    model_decoder_defaults(args, pipe)
     return pipe
+
+
+def model_decoder_defaults(args, pipe) -> None:
+    """Decoder settings left out on the command line (None) become the model's own (``pipe.decoder_sampling``: a
+    distilled decoder's few steps without guidance, else 25 steps at guidance 7.5), so what token files and tables
+    record is what ran."""
+    if getattr(args, "steps", 0) is None:
+        args.steps = pipe.decoder_sampling["num_inference_steps"]
+    for name in ("guidance", "gen_guidance"):
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, pipe.decoder_sampling["guidance_scale"])
 
 
 def batches(items, size):
@@ -168,6 +179,8 @@ def cmd_tokenize(args):
 
     auto = checked_auto(args)  # before the model loads: a bad --auto costs nothing
     pipe = load_pipeline(args)
+    if auto is not None:  # the model's decoder defaults, now known
+        auto.update(steps=args.steps, guidance=args.guidance)
     pipe.set_progress_bar_config(disable=True)
     n = pipe.num_registers
     k = n if args.num_tokens is None else args.num_tokens
@@ -388,7 +401,9 @@ def checked_detokenize_inputs(args):
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file; give a folder for the PNGs")
     pipe = load_pipeline(args)
-    if tokens.model_fingerprint != pipe.fingerprint:
+    # a distilled decoder shares its teacher's token space (frozen encoder, FSQ and VAE): it decodes its tokens too
+    teacher = (pipe.decoder_sampling.get("distilled_from") or {}).get("fingerprint")
+    if tokens.model_fingerprint not in (pipe.fingerprint, teacher):
         raise CLIError(f"{args.tokens}: these tokens were made by another model ('{tokens.model_name}', fingerprint "
                        f"{tokens.model_fingerprint[:12]}), not by --model {args.model} (fingerprint "
                        f"{pipe.fingerprint[:12]}); token ids only mean something to the model that made them")
@@ -629,8 +644,8 @@ def model_options(p, positional=False):
     p.add_argument("--device", default="auto",
                    help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:1, mps, ...")
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
-                   help="of the tokenizer and AR model; auto (default): float32 on the CPU, bfloat16 on GPUs that "
-                        "support it, else float16; the VAE runs in float32")
+                   help="of the models; auto (default): float32 on the CPU (bfloat16 is 4-6x faster on CPUs with "
+                        "AMX), bfloat16 on GPUs that support it, else float16; a float16 VAE runs in float32")
 
 
 def image_options(p):
@@ -645,8 +660,12 @@ def image_options(p):
 
 def decoder_options(p):
     """How tokens become images: the rectified-flow sampler's settings, shared by every decoding command."""
-    p.add_argument("--steps", type=int, default=25, help="Euler steps of the rectified-flow decoder")
-    p.add_argument("--guidance", type=float, default=7.5, help="decoder guidance scale (1 = off, half the compute)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Euler steps of the rectified-flow decoder (default: the model's: 25, or a distilled "
+                        "decoder's few steps)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="decoder guidance scale, 1 = off, half the compute (default: the model's: 7.5, or 1 for a "
+                        "distilled decoder)")
     p.add_argument("--no-apg", action="store_true", help="plain classifier-free guidance instead of APG")
     p.add_argument("--decode-batch-size", type=int, default=16, help="images decoded at once (bounds memory)")
 
@@ -743,7 +762,7 @@ def add_eval_parser(sub):
     p.add_argument("--num-images", type=int, help="use the first N images (sorted by path)")
     p.add_argument("--fit", choices=["center-crop", "resize"], default="center-crop")
     p.add_argument("--size", type=int, help="evaluation size (default: the model's largest)")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=None, help="decoder Euler steps (default: the model's)")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0],
                    help="decoder guidance scale(s) for reconstruction (one row group each; default 1)")
     p.add_argument("--no-apg", action="store_true")
@@ -763,7 +782,8 @@ def add_eval_parser(sub):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--gen-guidance", type=float, default=7.5, help="decoder guidance for generated samples")
+    p.add_argument("--gen-guidance", type=float, default=None,
+                   help="decoder guidance for generated samples (default: the model's: 7.5, or 1 when distilled)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results as JSON here")

@@ -3,7 +3,7 @@ coarse-to-fine grid; (2) generate one row per class with the class-conditional A
 from its first 1, 2, 4, ... tokens, plus more samples at the full budget.
 
     python -m flextok_kit.demo [--model FOLDER] [--images FILES/FOLDERS] [--ar-model FOLDER | --no-ar]
-                               [--out out/] [--steps 25]
+                               [--out out/] [--steps 25] [--distilled]
 
 By default it uses the embedded demo tokenizer ``demo_models/photo_tokenizer`` (a tiny FlexTok + VAE trained on
 CPU with our training scripts on natural photos from Debian packages, see its README.md) and the three held-out
@@ -11,7 +11,9 @@ sample photos in ``demo_models/samples`` (never seen in training). ``--model`` t
 folders, an official-format folder or a hub id. Without the demo model it falls back to a freshly initialised tiny
 model (random weights: the pictures then show the pipeline working, not a trained model). The generation part uses
 ``demo_models/fashion_ar`` (a FlexTok tokenizer + class-conditional AR model trained on Fashion-MNIST, see its
-README.md); ``--ar-model`` takes any pipeline folder with a class-conditional ``ar_model``.
+README.md); ``--ar-model`` takes any pipeline folder with a class-conditional ``ar_model``. ``--distilled`` uses the
+few-step distilled decoders of both (``demo_models/*_distilled``: 4 decoder passes per image instead of 50).
+Decoder steps and guidance default to each model's own settings (a distilled model records its sampler).
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from .pipelines.image_grid import labelled_grid, save_image_atomic
 HERE = Path(__file__).resolve().parent
 DEMO_MODEL = HERE / "demo_models" / "photo_tokenizer"
 AR_DEMO_MODEL = HERE / "demo_models" / "fashion_ar"
+DISTILLED = {DEMO_MODEL: HERE / "demo_models" / "photo_tokenizer_distilled",
+             AR_DEMO_MODEL: HERE / "demo_models" / "fashion_ar_distilled"}
 SAMPLES = HERE / "demo_models" / "samples"                  # held-out photos
 FASHION_SAMPLES = HERE / "demo_models" / "fashion_samples"  # held-out Fashion-MNIST test items, 2 per class
 
@@ -79,9 +83,13 @@ def main(argv=None):
     parser.add_argument("--images", nargs="+", help="image files/folders (default: demo_models/samples)")
     parser.add_argument("--out", default="out", help="output folder")
     parser.add_argument("--size", type=int, help="image size (default: 64, or the model's largest if smaller)")
-    parser.add_argument("--steps", type=int, default=25, help="decoder Euler steps")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="decoder Euler steps (default: the model's: 25, or a distilled decoder's few steps)")
+    parser.add_argument("--distilled", action="store_true",
+                        help="use the few-step distilled demo models (demo_models/*_distilled)")
     parser.add_argument("--guidance", type=float, default=None,
-                        help="decoder guidance (default: 3 for the demo model, 7.5 otherwise)")
+                        help="decoder guidance (default: 3 for the demo model, else the model's own: 7.5, "
+                             "1 for a distilled decoder)")
     parser.add_argument("--scale", type=int, default=2, help="upscale factor of the tiles in the grid (nearest)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ar-model", help="pipeline folder with a class-conditional AR model "
@@ -92,13 +100,17 @@ def main(argv=None):
                         help="AR classifier-free guidance (default 3: the demo model's best, see its model card)")
     args = parser.parse_args(argv)
 
+    if args.distilled:
+        args.model = args.model or str(DISTILLED[DEMO_MODEL])
+        args.ar_model = args.ar_model or str(DISTILLED[AR_DEMO_MODEL])
     ar_path = Path(args.ar_model) if args.ar_model else AR_DEMO_MODEL
     if args.ar_model and not args.no_ar and not (ar_path / "model_index.json").is_file():
         raise FileNotFoundError(f"--ar-model {ar_path}: no model_index.json (not a pipeline folder)")
     start = time.perf_counter()
     pipe, source, trained = load(args.model)
     pipe.set_progress_bar_config(disable=True)
-    guidance = args.guidance if args.guidance is not None else (3.0 if "demo photo tokenizer" in source else 7.5)
+    guidance = args.guidance if args.guidance is not None else (3.0 if "demo photo tokenizer" in source else None)
+    steps, guidance = pipe.resolve_decoder_sampling(args.steps, guidance)  # None: the model's own settings
     size = args.size or min(*pipe.default_image_size, 64)
     images, names = load_images(args.images, size)
     ks = pow2_token_counts(pipe.num_registers)
@@ -106,7 +118,7 @@ def main(argv=None):
     from .metrics import psnr
 
     out = pipe(image=images, num_tokens=ks, generator=torch.Generator().manual_seed(args.seed),
-               num_inference_steps=args.steps, guidance_scale=guidance, output_type="pt").images
+               num_inference_steps=steps, guidance_scale=guidance, output_type="pt").images
     out = out.float() * 2 - 1                                                    # [B*len(ks),3,H,W], image-major
     recon = out.view(len(images), len(ks), *out.shape[1:])
     to_pil = lambda t: pipe.image_processor.postprocess(t[None].clamp(-1, 1), output_type="pil")[0]  # noqa: E731
@@ -116,7 +128,8 @@ def main(argv=None):
     path = Path(args.out) / "coarse_to_fine.png"
     save_image_atomic(grid, path)
     print(f"model: {source}" + ("" if trained else "  -- untrained: shows the pipeline, not image quality"))
-    print(f"images: {', '.join(names)} ({size}x{size}); {args.steps} Euler steps, guidance {guidance} (APG)")
+    print(f"images: {', '.join(names)} ({size}x{size}); {steps} Euler steps, guidance {guidance}"
+          + (" (APG)" if guidance != 1 else " (one decoder pass per step)"))
     print("PSNR (dB) by number of tokens: " + ", ".join(
         f"{k}: {float(psnr(recon[:, j], images).mean()):.2f}" for j, k in enumerate(ks)))
     print(f"decoded {len(images)} image(s) x {len(ks)} prefixes k={ks} in {time.perf_counter() - start:.1f}s")
@@ -156,6 +169,8 @@ def generate_class_grid(folder: Path, args) -> Path:
     h, w = pipe.default_image_size
     first = ids[::s]                                                                   # sample 1 of each class
     noise = pipe.prepare_latents(len(first), h, w, torch.float32, pipe._execution_device, g)
+    if pipe.config.get("decoder_sampling"):  # a distilled decoder: its own sampler (no guidance pass)
+        settings["guidance_scale"] = None
     decode = dict(num_inference_steps=args.steps, guidance_scale=settings["guidance_scale"], output_type="pt")
     prefixes = [pipe.detokenize(first[:, :k], latents=noise, **decode).images for k in ks]  # len(ks) x [C,3,h,w]
     more = ids.view(len(classes), s, n)[:, 1:].reshape(-1, n)                         # samples 2..s

@@ -104,10 +104,7 @@ def load_flextok(name: str, device_choice: str = "default", dtype_choice: str = 
     load_device = torch.device("cpu") if device_choice == "cpu" else mm.get_torch_device()
     offload_device = torch.device("cpu") if device_choice == "cpu" else mm.unet_offload_device()
     dtype = _pick_dtype(dtype_choice, load_device)
-    for part in ("flextok", "ar_model"):  # the VAE stays float32 (its decoder overflows in fp16)
-        module = getattr(pipe, part, None)
-        if isinstance(module, torch.nn.Module) and getattr(module, "dtype", None) != dtype:
-            module.to(dtype=dtype)
+    pipe.set_precision(dtype)  # as the CLI's --dtype: pipe.to(dtype), a float16 VAE stays float32
     modules = FlexTokModules(pipe).eval()
     patcher = comfy.model_patcher.ModelPatcher(modules, load_device=load_device, offload_device=offload_device)
     logger.info("FlexTok: loaded %s (%s format, N=%d, %s, id %s)", name, kind, pipe.num_registers, dtype, identity[:12])
@@ -137,17 +134,29 @@ def _to_image(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float().clamp(0, 1).permute(0, 2, 3, 1).contiguous().to(mm.intermediate_device())
 
 
+def _sampler(pipe, steps, guidance_scale) -> tuple[int, float]:
+    """The widgets' sampler -> (steps, guidance): steps 0 and a negative guidance stand for the model's own
+    settings (``pipe.decoder_sampling``: 25 steps at 7.5, or what a distilled decoder recorded, e.g. 4 at 1)."""
+    steps, scale = pipe.resolve_decoder_sampling(int(steps) if int(steps) > 0 else None,
+                                                 float(guidance_scale) if float(guidance_scale) >= 0 else None)
+    return int(steps), float(scale)
+
+
 def _decode(model: FlexTokHandle, tokens: FlexTokTokens, ids, steps, guidance_scale, use_apg, seed,
             generators=None) -> torch.Tensor:
     """ids: LongTensor [B,k] or a list of 1-D tensors (ragged) -> [B,3,H,W] in [0,1]."""
-    tokens.check_model(model.identity, model.name)
+    # a distilled decoder shares its teacher's token space (frozen encoder, FSQ and VAE): it decodes its tokens too
+    teacher = (model.pipe.decoder_sampling.get("distilled_from") or {}).get("fingerprint")
+    if not (teacher and tokens.model_id == teacher):
+        tokens.check_model(model.identity, model.name)
     pipe = model.ready()
     n = len(ids)
     h, w = tokens.image_size or model.image_size  # files that did not record a size: the model's default
+    steps, guidance_scale = _sampler(pipe, steps, guidance_scale)
     out = pipe.detokenize(
-        ids, num_inference_steps=int(steps), guidance_scale=float(guidance_scale), use_apg=bool(use_apg),
+        ids, num_inference_steps=steps, guidance_scale=guidance_scale, use_apg=bool(use_apg),
         height=h, width=w, generator=generators or _generators(seed, n), output_type="pt",
-        callback_on_step_end=_progress_callback(int(steps)))
+        callback_on_step_end=_progress_callback(steps))
     return out.images
 
 
@@ -302,10 +311,11 @@ class FlexTokAutoTokens(io.ComfyNode):
         x = fit_images(image, flextok_model.image_size, fit, check=pipe._check_image_size)
         ids = _encode_each(pipe, x, posterior_seed, num_tokens=ks[-1])
         # image i's noise: seed + i at every candidate, as FlexTok Decode seeds image i
+        steps, guidance_scale = _sampler(pipe, steps, guidance_scale)
         budget = choose_tokens(pipe, x * 2 - 1, float(target), metric, ks, ids=ids,
-                               generator=_generators(seed, x.shape[0]), num_inference_steps=int(steps),
-                               guidance_scale=float(guidance_scale), use_apg=bool(use_apg),
-                               callback_on_step_end=_progress_callback(int(steps) * len(ks)))
+                               generator=_generators(seed, x.shape[0]), num_inference_steps=steps,
+                               guidance_scale=guidance_scale, use_apg=bool(use_apg),
+                               callback_on_step_end=_progress_callback(steps * len(ks)))
         tokens = FlexTokTokens.from_rows(
             [t.cpu() for t in budget.tokens], flextok_model.identity, model_name=flextok_model.name,
             image_sizes=[tuple(x.shape[-2:])] * x.shape[0], num_registers=n,
@@ -347,9 +357,14 @@ class FlexTokTruncate(io.ComfyNode):
 
 def _sampling_inputs():
     return [
-        io.Int.Input("steps", default=25, min=1, max=1000, tooltip="rectified-flow Euler steps"),
-        io.Float.Input("guidance_scale", default=7.5, min=0.0, max=30.0, step=0.1, round=0.01,
-                       tooltip="classifier-free guidance; 1 = off (half the compute)"),
+        # 0 / -1 = the loaded model's own sampler, so a distilled model decodes in its few steps without guidance
+        # unless overridden; explicit values (every existing workflow's) behave as before
+        io.Int.Input("steps", default=0, min=0, max=1000,
+                     tooltip="rectified-flow Euler steps; 0 = the model's default (25, or the few steps a distilled "
+                             "decoder was trained for, e.g. 4)"),
+        io.Float.Input("guidance_scale", default=-1.0, min=-1.0, max=30.0, step=0.1, round=0.01,
+                       tooltip="classifier-free guidance; 1 = off (half the compute); -1 = the model's default "
+                               "(7.5, or 1 for a distilled decoder, which has the guidance built in)"),
         io.Boolean.Input("use_apg", default=True, tooltip="adaptive projected guidance instead of plain CFG"),
         io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                      tooltip="noise seed; image i of a batch uses seed + i"),

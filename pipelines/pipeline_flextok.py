@@ -26,6 +26,7 @@ from ..flextok_core import LICENSE_NOTICE, FlexTokModel, load_official, vae_deco
 from ..flextok_core.ar import check_ar_sampling
 from ..flextok_core.checks import check_int
 from ..flextok_core.fileio import read_json_object, replace_dir
+from ..flextok_core.precision import quiet_fp32_cast_warning
 from ..flextok_core.guidance import (MomentumBuffer, apg_velocity, cfg_velocity, check_guidance_scale,
                                      decoder_guidance_scales)
 from ..flextok_core.official import non_floating_weights
@@ -38,6 +39,10 @@ logger = logging.getLogger(__name__)
 _license_shown = False
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Decoder tokens per forward on the CPU when decode_batch_size is not given (d12-d12 at 256x256, 2 threads: per
+# image, a batch of 4 guided images (4 x 1026 tokens) decodes 1.3x faster than one image in bf16, a batch of 8 1.2x
+# slower than 4 in both dtypes -- the [tokens, 4 x dim] MLP activations outgrow the caches).
+CPU_DECODER_TOKENS = 4096
 # model_index.json names our classes under the installed package name, whatever name this package was imported
 # under (pip installs it as flextok_kit; ComfyUI imports the folder by path under another name).
 PACKAGE = "flextok_kit"
@@ -109,6 +114,11 @@ def _check_float_weights(folder: Path):
                                  f"floating point (a corrupted or mis-converted checkpoint?){more}")
 
 
+# model_index.json entries that are pipeline settings, not components (FlexTokPipeline.__init__ keywords)
+_PIPELINE_SETTINGS = ("decoder_sampling",)
+# The decoder's sampling defaults of a checkpoint without ``decoder_sampling`` (the release's: 25 Euler steps, guided)
+TEACHER_SAMPLING = {"num_inference_steps": 25, "guidance_scale": 7.5}
+
 _CONFIG_FILES = {"flextok": "config.json", "vae": "config.json", "ar_model": "config.json",
                  "scheduler": "scheduler_config.json"}
 
@@ -117,7 +127,7 @@ def _check_folder_configs(folder: Path) -> dict:
     """model_index.json and the component configs of our format are JSON objects (the file named if not)."""
     index = read_json_object(folder / "model_index.json")
     for name, entry in index.items():
-        if name.startswith("_"):
+        if name.startswith("_") or name in _PIPELINE_SETTINGS:
             continue
         if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
             raise ValueError(f"{folder / 'model_index.json'}: entry {name!r} must be [library, class name], got "
@@ -161,6 +171,19 @@ def _show_license_once():
         _license_shown = True
 
 
+def _check_sampling_entry(entry) -> dict:
+    """``decoder_sampling`` (``model_index.json``): a dict whose ``num_inference_steps`` / ``guidance_scale`` (both
+    optional) are valid decoder settings; other keys (``distilled_from``, ...) are provenance, kept as they are."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"decoder_sampling must be a dict such as {{'num_inference_steps': 4, 'guidance_scale': 1.0}}, "
+                         f"got {type(entry).__name__}")
+    if "num_inference_steps" in entry:
+        check_int("decoder_sampling.num_inference_steps", entry["num_inference_steps"], minimum=1)
+    if "guidance_scale" in entry:
+        check_guidance_scale("decoder_sampling.guidance_scale", entry["guidance_scale"])
+    return dict(entry)
+
+
 class FlexTokPipeline(DiffusionPipeline):
     """Tokenize images into 1-D coarse-to-fine token sequences and decode any prefix back into an image.
 
@@ -179,10 +202,12 @@ class FlexTokPipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["latents", "velocity", "velocity_cond", "velocity_uncond"]
 
     def __init__(self, vae: AutoencoderKL | None, flextok: FlexTokModel, scheduler: FlowMatchEulerDiscreteScheduler,
-                 ar_model=None, text_encoder=None, tokenizer=None):
+                 ar_model=None, text_encoder=None, tokenizer=None, decoder_sampling: dict | None = None):
         super().__init__()
         self.register_modules(vae=vae, flextok=flextok, scheduler=scheduler, ar_model=ar_model,
                               text_encoder=text_encoder, tokenizer=tokenizer)
+        if decoder_sampling is not None:  # a distilled decoder's sampler (model_index.json); teachers keep none
+            self.register_to_config(decoder_sampling=_check_sampling_entry(decoder_sampling))
         vae = getattr(self, "vae", None)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_resize=False)
@@ -201,8 +226,13 @@ class FlexTokPipeline(DiffusionPipeline):
 
     @classmethod
     def from_official(cls, path_or_repo, vae=None, sample_posterior: bool | None = None,
-                      torch_dtype: torch.dtype | None = None) -> "FlexTokPipeline":
-        """Load the official release format (``config.json`` + ``model.safetensors``; folder or hub id)."""
+                      torch_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None) -> "FlexTokPipeline":
+        """Load the official release format (``config.json`` + ``model.safetensors``; folder or hub id). ``dtype``
+        (diffusers' new name of ``torch_dtype``; either works) gives the model ``from_pretrained(..., dtype=)``
+        gives: ``.to(dtype)`` of every component, the float32 modules kept."""
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise ValueError(f"from_official got torch_dtype={torch_dtype} and dtype={dtype}; pass one")
+        torch_dtype = dtype or torch_dtype
         ckpt = load_official(path_or_repo, vae=vae, sample_posterior=sample_posterior)
         _show_license_once()  # after a successful load: a refused checkpoint gets one error line, nothing else
         for note in ckpt.notes:
@@ -301,6 +331,26 @@ class FlexTokPipeline(DiffusionPipeline):
 
     def disable_vae_tiling(self):
         self._require_vae("disable_vae_tiling").disable_tiling()
+
+    # -- precision ----------------------------------------------------------------------------------
+    def to(self, *args, **kwargs):
+        """diffusers' ``to``. FlexTokModel keeps its float32 modules through any cast (``_keep_in_fp32_modules``),
+        so ``from_pretrained(..., torch_dtype=d)`` and ``.to(d)`` give the same model; diffusers' warning that a
+        cast "can lead to inconsistent results" is therefore silenced here."""
+        with quiet_fp32_cast_warning():
+            return super().to(*args, **kwargs)
+
+    def set_precision(self, dtype: torch.dtype) -> "FlexTokPipeline":
+        """The inference dtype of the CLI's ``--dtype`` and the ComfyUI Load node: ``self.to(dtype)``, except that
+        under float16 the VAE stays in float32 when its config says ``force_upcast`` (diffusers' flag for VAEs
+        whose decoder overflows float16, the default). bfloat16 has float32's range: everything runs in it."""
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+        self.to(dtype=dtype)
+        if dtype == torch.float16 and self.vae is not None and getattr(self.vae.config, "force_upcast", True):
+            with quiet_fp32_cast_warning():
+                self.vae.to(dtype=torch.float32)
+        return self
 
     # -- diffusers' run state (read by callbacks) -----------------------------------------------------
     @property
@@ -510,6 +560,20 @@ class FlexTokPipeline(DiffusionPipeline):
         return choose_tokens(self, images, target, metric, candidates, **decode_kwargs).num_tokens
 
     # -- detokenize ---------------------------------------------------------------------------------
+    @property
+    def decoder_sampling(self) -> dict:
+        """The decoder's default sampling settings: ``num_inference_steps`` and ``guidance_scale`` from the
+        checkpoint's ``decoder_sampling`` entry (a distilled decoder: e.g. 4 steps, guidance 1), else the teacher's
+        (25 steps, guidance 7.5); other keys of the entry (``distilled_from``) are kept."""
+        entry = dict(getattr(self.config, "decoder_sampling", None) or {})
+        return {**TEACHER_SAMPLING, **entry}
+
+    def resolve_decoder_sampling(self, num_inference_steps=None, guidance_scale=None) -> tuple:
+        """``None`` -> this checkpoint's default (:attr:`decoder_sampling`); given values are kept (checked later)."""
+        defaults = self.decoder_sampling
+        return (defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps,
+                defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
+
     def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
         shape = (batch_size, self.flextok.config.latent_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
@@ -524,6 +588,16 @@ class FlexTokPipeline(DiffusionPipeline):
         gens = generator if isinstance(generator, list) else [generator] * batch_size
         return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in gens])
 
+    def _default_decode_batch(self, batch: int, guided: bool, device) -> int:
+        """Images per decoder forward when ``decode_batch_size`` is not given: the whole batch on accelerators; on
+        the CPU as many as fit :data:`CPU_DECODER_TOKENS` tokens (at the largest image size, all N registers), so
+        the activations stay cache-sized and the cost per image does not grow with the batch."""
+        if torch.device(device).type != "cpu":
+            return batch
+        gh, gw = self.flextok.config.grid_size
+        per_image = (gh * gw + self.num_registers) * (2 if guided else 1)
+        return max(1, min(batch, CPU_DECODER_TOKENS // per_image))
+
     def _prepare_decoding(self, ids, keep_k, num_inference_steps, guidance_scale, guidance_schedule, use_apg,
                           apg_momentum, apg_norm_threshold, apg_eta, fast_decoding, decode_batch_size,
                           device) -> _DecodeRun:
@@ -537,7 +611,7 @@ class FlexTokPipeline(DiffusionPipeline):
         sigmas = self.scheduler.sigmas  # host values for FlexTokFlowScheduler (t of each step, then 0)
         scales = decoder_guidance_scales(guidance_scale, guidance_schedule, sigmas.tolist()[:-1])
         guided = any(s != 1.0 for s in scales)
-        chunk = decode_batch_size or b
+        chunk = decode_batch_size or self._default_decode_batch(b, guided, device)
         chunks = [slice(i, min(i + chunk, b)) for i in range(0, b, chunk)]
         # Register sequences do not change over the steps: build them once per chunk (host lengths keep_k).
         registers = [self.flextok.prepare_registers(ids[c], keep_k[c], guidance=guided, fast=fast_decoding)
@@ -593,15 +667,15 @@ class FlexTokPipeline(DiffusionPipeline):
         if output_type == "latent":
             return x
         vae = self._require_vae(f"output_type={output_type!r}")
-        image = torch.cat([vae_decode(vae, x[c]).float() for c in chunks])
+        image = torch.cat([vae_decode(vae, x[c]).float() for c in chunks])  # (by image on the CPU: vae_chunks)
         return self.image_processor.postprocess(image, output_type=output_type)
 
     @torch.no_grad()
     def detokenize(
         self,
         tokens,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         use_apg: bool = True,
         apg_momentum: float = -0.5,
         apg_norm_threshold: float = 2.5,
@@ -622,6 +696,8 @@ class FlexTokPipeline(DiffusionPipeline):
         """Decode token ids (any prefix length 1..N; ragged lists allowed) into images.
 
         tokens: LongTensor ``[B,k]``, or a list of 1-D (or ``[1,k]``) id tensors / lists of different lengths.
+        num_inference_steps, guidance_scale: ``None`` = the checkpoint's defaults (:attr:`decoder_sampling`: a
+            distilled decoder's few steps without guidance, else 25 steps at guidance 7.5).
         guidance: none when the scale is 1 (the unconditional pass is skipped); plain CFG ``v_u + s (v_c - v_u)``
             or APG (``use_apg``; ``v_c + (s-1) * projected difference`` with ``apg_momentum``,
             ``apg_norm_threshold``, ``apg_eta``). ``guidance_schedule(t) -> scale`` overrides the constant scale
@@ -643,6 +719,7 @@ class FlexTokPipeline(DiffusionPipeline):
         bad = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(f"callback tensor inputs {bad} not in {self._callback_tensor_inputs}")
+        num_inference_steps, guidance_scale = self.resolve_decoder_sampling(num_inference_steps, guidance_scale)
         num_inference_steps, guidance_scale, apg_momentum, apg_norm_threshold, apg_eta = check_decoder_sampling(
             num_inference_steps, guidance_scale, apg_momentum, apg_norm_threshold, apg_eta)
         num_images_per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1)
@@ -771,7 +848,7 @@ class FlexTokPipeline(DiffusionPipeline):
                  generator=None, sample_posterior: bool | None = None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", return_dict: bool = True, ar_guidance_scale: float = 4.0,
                  ar_guidance_schedule: str = "constant", temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, num_inference_steps: int = 25, guidance_scale: float = 7.5,
+                 top_p: float = 1.0, num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  latents: torch.Tensor | None = None, callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",), **detokenize_kwargs):
         """Reconstruct ``image`` through its first ``num_tokens`` tokens, or generate from ``class_labels`` /
@@ -825,8 +902,8 @@ class FlexTokPipeline(DiffusionPipeline):
             raise TypeError(f"unexpected keyword argument(s) {unknown}; {also}decoder options are those of "
                             f"detokenize(): {allowed}")
         value = lambda name: options.get(name, params[name].default)  # noqa: E731
-        check_decoder_sampling(value("num_inference_steps"), value("guidance_scale"), value("apg_momentum"),
-                               value("apg_norm_threshold"), value("apg_eta"))
+        steps, scale = self.resolve_decoder_sampling(value("num_inference_steps"), value("guidance_scale"))
+        check_decoder_sampling(steps, scale, value("apg_momentum"), value("apg_norm_threshold"), value("apg_eta"))
 
     def _reconstruction_sequences(self, image, num_tokens, generator, sample_posterior, num_images_per_prompt,
                                   detokenize_kwargs) -> list:

@@ -282,6 +282,8 @@ def choose_tokens(pipe, images, target, metric="psnr", candidates=None, *, highe
     params = inspect.signature(pipe.detokenize).parameters
     settings = {name: decode_kw.get(name, params[name].default)
                 for name in ("num_inference_steps", "guidance_scale", "use_apg") if name in params}
+    settings["num_inference_steps"], settings["guidance_scale"] = pipe.resolve_decoder_sampling(
+        settings.get("num_inference_steps"), settings.get("guidance_scale"))  # None: the checkpoint's defaults
     return TokenBudget(chosen, scores, [resolved.reaches(s, target) for s in scores],
                        [ids[i, :k] for i, k in enumerate(chosen)], [f["evaluated"] for f in found], resolved.name,
                        target, resolved.higher_is_better, ks, search, settings)

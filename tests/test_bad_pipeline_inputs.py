@@ -281,7 +281,6 @@ GS = r"guidance_scale must be a finite number >= 0 \(1 = no guidance, 0 = uncond
     (dict(guidance_scale=-0.5), GS + r"-0\.5"),
     (dict(guidance_scale="7.5"), GS + r"'7\.5' \(str\)"),
     (dict(guidance_scale=True), GS + r"True \(bool\)"),
-    (dict(guidance_scale=None), GS + r"None \(NoneType\)"),
     (dict(num_inference_steps=0), r"num_inference_steps must be an integer >= 1, got 0"),
     (dict(num_inference_steps=-3), r"num_inference_steps must be an integer >= 1, got -3"),
     (dict(num_inference_steps=2.0), r"num_inference_steps must be an integer >= 1, got 2\.0 \(float\)"),

@@ -490,6 +490,18 @@ def test_same_weights_in_diffusers_format_decode_the_tokens(srv):
     assert len(run.output_files()) == 1
 
 
+def test_decode_defaults_to_the_models_own_sampler(srv):
+    """steps 0 / guidance -1 (the new nodes' defaults) = the loaded model's own sampler: 25 steps for a teacher (a
+    distilled model records fewer; tests/test_distill.py checks that default in the pipeline)."""
+    prompt = {**encode_graph(), "d": {"class_type": "FlexTokDecode", "inputs": {
+        "flextok_model": ["m", 0], "tokens": ["enc", 0], "steps": 0, "guidance_scale": -1.0, "use_apg": True,
+        "seed": 0}}, "s": save_node(["d", 0], "defaults")}
+    run = run_ok(srv, prompt)
+    values = [(d["value"], d["max"]) for d in run.of_type("progress") if d["node"] == "d"]
+    assert values == [(i, 25) for i in range(1, 26)], values
+    assert len(run.output_files()) == 1
+
+
 def test_validation_errors(srv):
     """Bad widget values are refused by /prompt (400) with a message naming the input."""
     g = {**encode_graph(), "t": {"class_type": "FlexTokTruncate", "inputs": {"tokens": ["enc", 0], "k": 0}},
@@ -508,7 +520,8 @@ def test_validation_errors(srv):
     errs = queue_invalid(srv, g)
     assert any(e["type"] == "custom_validation_failed" and "fit: 'squash'" in e["details"] for e in errs), errs
 
-    g = {**encode_graph(), "d": decode_node(["m", 0], ["enc", 0], steps=0), "s": save_node(["d", 0], "bad")}
+    # steps 0 = the model's default (a distilled decoder's few steps); below 0 is refused
+    g = {**encode_graph(), "d": decode_node(["m", 0], ["enc", 0], steps=-1), "s": save_node(["d", 0], "bad")}
     errs = queue_invalid(srv, g)
     assert any(e["type"] == "value_smaller_than_min" and e["details"] == "steps" for e in errs), errs
 
@@ -517,7 +530,7 @@ def test_validation_errors(srv):
         "use_apg": True, "seed": 0, "label": True}}, "s": save_node(["c", 0], "bad")}
     errs = queue_invalid(srv, g)
     assert any(e["type"] == "custom_validation_failed" and "k=0 is too small" in e["details"] for e in errs), errs
-    g["c"]["inputs"].update(k_values="1,4", steps=0)  # validate_inputs must not switch off the min/max checks
+    g["c"]["inputs"].update(k_values="1,4", steps=-1)  # validate_inputs must not switch off the min/max checks
     errs = queue_invalid(srv, g)
     assert any(e["type"] == "value_smaller_than_min" and e["details"] == "steps" for e in errs), errs
 

@@ -194,10 +194,10 @@ def test_config_base_overrides_and_schema(tmp_path):
         tconfig.load_config(tmp_path / "typo.yaml", [], defaults)
     assert tconfig.parse_cli(["--config", "f.yaml", "a=1", "--b.c=2"]) == ("f.yaml", ["a=1", "b.c=2"])
     # every shipped config loads against its script's schema
-    from flextok_kit.training import tokenize_dataset, train_ar, train_tokenizer, train_vae
+    from flextok_kit.training import distill_decoder, tokenize_dataset, train_ar, train_tokenizer, train_vae
 
     schemas = {"vae": train_vae.DEFAULTS, "tokenizer": train_tokenizer.DEFAULTS, "ar": train_ar.DEFAULTS,
-               "tokenize": tokenize_dataset.DEFAULTS}
+               "tokenize": tokenize_dataset.DEFAULTS, "distill": distill_decoder.DEFAULTS}
     for path in sorted(tconfig.CONFIG_DIR.glob("*.yaml")):
         kinds = [k for k in schemas if path.stem.startswith(k) or path.stem.endswith("_" + k)]  # fashion_ar, ...
         assert kinds, f"{path.name}: which script is this config for?"
