@@ -101,3 +101,11 @@ def test_auto_tokens_example_decodes_what_it_scored():
                         use_apg=sampling[2], generator=[torch.Generator().manual_seed(sampling[3] + i)
                                                         for i in range(3)])
     assert 0 < sum(res.reached) < 3 and min(res.num_tokens) < 16, res.summary()
+
+
+def test_demo_distilled_runs_the_students_sampler(tmp_path, capsys):
+    # `bash scripts/quickstart.sh --distilled`: both distilled demo models, at their own 4-step, unguided sampler
+    path = demo.main(["--distilled", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert path.is_file() and (tmp_path / "generated_by_class.png").is_file()
+    assert "photo_tokenizer_distilled" in out and "fashion_ar_distilled" in out
