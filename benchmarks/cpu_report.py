@@ -14,14 +14,17 @@ REDUCED_PRECISION_FLAGS = ("amx_bf16", "amx_fp16", "amx_tile", "avx512_bf16", "a
 
 
 def cpu_model() -> str:
+    """The CPU's model name and its reduced-precision flags, e.g. ``Intel(R) Xeon(R) Processor (amx_bf16, ...)``."""
+    name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                    name = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return f"{name} ({', '.join(cpu_flags()) or 'flags unknown'})"
 
 
 def cpu_flags() -> list[str]:
@@ -56,7 +59,7 @@ def describe(threads: int, dtype_name: str | None = "bfloat16") -> str:
     """Two lines: the CPU (model, flags, ATEN_CPU_CAPABILITY) and, for a reduced dtype, the matmul ratio."""
     import torch
 
-    lines = [f"cpu: {cpu_model()} | flags: {' '.join(cpu_flags()) or 'unknown'} | "
+    lines = [f"cpu: {cpu_model()} | "
              f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '(native)')} | "
              f"torch kernels: {torch.backends.cpu.get_cpu_capability()}"]
     if dtype_name and dtype_name != "float32":

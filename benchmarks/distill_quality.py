@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from flextok_kit.images import load_batch
 from flextok_kit.metrics import build_feature_net, psnr
 from flextok_kit.pipelines import FlexTokPipeline
 from flextok_kit.pipelines.image_grid import labelled_grid, save_image_atomic
+from cpu_report import cpu_model  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo_models"
@@ -52,17 +52,6 @@ SETS = {
                     kid_subset=500, students={4: DEMO / "fashion_ar_distilled",
                                               8: ROOT / "runs/distill_fashion_s8/packaged"}),
 }
-
-
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        flags = set(re.search(r"^flags\s*:\s*(.+)$", text, re.M).group(1).split())
-        ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-        return f"{name.group(1).strip() if name else platform.processor()} ({', '.join(ext) or 'no AVX2'})"
-    except (OSError, AttributeError):
-        return platform.processor() or platform.machine()
 
 
 def decoders(spec: dict) -> list[dict]:

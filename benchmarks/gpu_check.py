@@ -35,6 +35,7 @@ import sys
 import time
 
 import torch
+from cpu_report import cpu_model  # benchmarks/ is on sys.path when run as a script
 
 ROWS: list[tuple[str, str, str, str]] = []  # (section, item, value, note)
 FAILED: list[str] = []
@@ -79,17 +80,6 @@ def parse_args(argv=None):
 
 
 # -- machine, timing, memory ---------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        text = open("/proc/cpuinfo").read()
-        name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        flags = set(re.search(r"^flags\s*:\s*(.+)$", text, re.M).group(1).split())
-        ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-        return f"{name.group(1).strip() if name else platform.processor()} ({', '.join(ext) or 'no AVX2'})"
-    except (OSError, AttributeError):
-        return platform.processor() or platform.machine()
-
-
 def machine(args) -> str:
     lines = [f"CPU: {cpu_model()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
              f"python {platform.python_version()} | torch {torch.__version__} | "

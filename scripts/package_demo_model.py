@@ -21,9 +21,13 @@ def main(src: str, dest: str) -> None:
     card = dest_p / "README.md"
     keep = card.read_text() if card.is_file() else None
     pipe = FlexTokPipeline.from_pretrained(src_p)
-    for name, module in pipe.components.items():
+    for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
-            module.to(torch.float16)
+            # every floating weight, FlexTokModel's kept-in-float32 layers too (.to(float16) keeps those; loading
+            # in float32 upcasts them all again, and the files stay half size)
+            for t in [*module.parameters(), *module.buffers()]:
+                if t.is_floating_point():
+                    t.data = t.data.to(torch.float16)
     dest_p.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest_p.parent, prefix=f".{dest_p.name}."))
     pipe.save_pretrained(tmp)

@@ -106,34 +106,5 @@ if [ "$WHAT" = distill ] || [ "$WHAT" = all ]; then  # -------------------------
               "runs/distill_photo_s8 runs/distill_photo_s8/packaged" "runs/distill_fashion_s8 runs/distill_fashion_s8/packaged"; do
     set -- $pair
     "$PY" scripts/package_demo_model.py "$1/export" "$2"
-    # every weight in float16, as the teachers are stored (FlexTokModel keeps its adaLN / timestep / output layers
-    # in float32 on .half(), which would put fashion's flextok file over 5 MB; loading upcasts them again)
-    "$PY" - "$2" <<'PYEOF'
-import pathlib, sys
-import torch
-from safetensors.torch import load_file, save_file
-from flextok_kit.flextok_core.fileio import atomic_write
-for path in pathlib.Path(sys.argv[1]).rglob("*.safetensors"):
-    tensors = load_file(path)
-    if any(t.dtype == torch.float32 for t in tensors.values()):
-        half = {k: t.half() if t.dtype == torch.float32 else t for k, t in tensors.items()}
-        atomic_write(path, lambda tmp: save_file(half, tmp, metadata={"format": "pt"}))
-PYEOF
-  done
-  # the model cards' tables and docs/distilled_vs_teacher.png (held-out: $PHOTO/data/eval, $FASHION/data/eval)
-  "$PY" benchmarks/distill_quality.py --sets photo --agreement-images 64 --json runs/distill_quality_photo.json \
-    --picture runs/distill_photo.png
-  "$PY" benchmarks/distill_quality.py --sets fashion --num-images 100 --agreement-images 32 --num-samples 100 \
-    --json runs/distill_quality_fashion.json --picture runs/distill_fashion.png
-  "$PY" - runs/distill_photo.png runs/distill_fashion.png <<'PYEOF'   # one picture: photos above Fashion-MNIST
-import sys
-import PIL.Image
-from flextok_kit.pipelines.image_grid import save_image_atomic
-ims = [PIL.Image.open(p).convert("RGB") for p in sys.argv[1:]]
-out = PIL.Image.new("RGB", (max(i.size[0] for i in ims), sum(i.size[1] for i in ims)), "white")
-for i, y in zip(ims, [0, ims[0].size[1]]):
-    out.paste(i, (0, y))
-save_image_atomic(out, "docs/distilled_vs_teacher.png")
-PYEOF
 fi
 echo "done in $(( ($(date +%s) - start) / 60 )) min"

@@ -17,3 +17,18 @@ torch.set_num_threads(int(os.environ.get("FLEXTOK_TEST_THREADS", 0)) or max(1, m
 def pytest_configure(config):
     if not (GOLDEN / "vectors.safetensors").is_file():
         raise pytest.UsageError(f"golden vectors not found at {GOLDEN}; set FLEXTOK_SHARED to the shared/ folder")
+
+
+@pytest.fixture
+def one_thread_fresh_accelerate():
+    """For tests that run the training scripts in-process: each script builds an Accelerator, whose singletons must
+    be reset between runs; one intra-op thread, since these models are tiny and OpenMP threads only contend on a
+    busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)

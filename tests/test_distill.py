@@ -19,15 +19,8 @@ RES = 32
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_fresh_accelerate():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
+def _one_thread_fresh_accelerate(one_thread_fresh_accelerate):
+    """The distillation runs in-process (conftest.one_thread_fresh_accelerate)."""
 
 
 @pytest.fixture(scope="module")

@@ -125,3 +125,26 @@ def test_train_tiny_pipeline_runs_without_activating_anything(tmp_path):
     assert "from PATH" not in res.stderr
     pipe = tmp_path / "tiny" / "pipeline"
     assert (pipe / "model_index.json").is_file() and (pipe / "ar_model").is_dir()
+
+
+def test_package_demo_model_stores_every_weight_in_float16(tmp_path):
+    """The demo models' 5 MB budget: the packager stores FlexTokModel's kept-in-float32 layers in float16 too, and
+    loading gives a float32 model again."""
+    import torch
+    from safetensors import safe_open
+
+    from flextok_kit.pipelines import FlexTokPipeline
+
+    from .conftest import GOLDEN
+
+    FlexTokPipeline.from_official(GOLDEN).save_pretrained(tmp_path / "src")
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "package_demo_model.py"), str(tmp_path / "src"),
+                           str(tmp_path / "dest")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = sorted((tmp_path / "dest").rglob("*.safetensors"))
+    assert {f.parent.name for f in files} == {"flextok", "vae"}
+    for f in files:
+        with safe_open(str(f), "pt") as weights:
+            assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float16}, f
+    loaded = FlexTokPipeline.from_pretrained(tmp_path / "dest")
+    assert all(p.dtype == torch.float32 for p in loaded.flextok.parameters())

@@ -80,17 +80,8 @@ def _one_thread():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """The scripts build an Accelerator per call; in one process its singletons must be reset between runs.
-    One intra-op thread: these models are tiny, and OpenMP threads only contend on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
+def _fresh_accelerate_state(one_thread_fresh_accelerate):
+    """Every test here runs training scripts in-process (conftest.one_thread_fresh_accelerate)."""
 
 
 def evals(out, key):
