@@ -13,18 +13,20 @@ import time
 REDUCED_PRECISION_FLAGS = ("amx_bf16", "amx_fp16", "amx_tile", "avx512_bf16", "avx512_fp16", "avx512f", "avx2")
 
 
-def cpu_model() -> str:
-    """The CPU's model name and its reduced-precision flags, e.g. ``Intel(R) Xeon(R) Processor (amx_bf16, ...)``."""
-    name = platform.processor() or platform.machine()
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{name} ({', '.join(cpu_flags()) or 'flags unknown'})"
+    return platform.processor() or platform.machine()
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its reduced-precision flags, e.g. ``Intel(R) Xeon(R) Processor (amx_bf16, ...)``."""
+    return f"{cpu_name()} ({', '.join(cpu_flags()) or 'flags unknown'})"
 
 
 def cpu_flags() -> list[str]:
@@ -59,7 +61,7 @@ def describe(threads: int, dtype_name: str | None = "bfloat16") -> str:
     """Two lines: the CPU (model, flags, ATEN_CPU_CAPABILITY) and, for a reduced dtype, the matmul ratio."""
     import torch
 
-    lines = [f"cpu: {cpu_model()} | "
+    lines = [f"cpu: {cpu_name()} | flags: {' '.join(cpu_flags()) or 'unknown'} | "
              f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '(native)')} | "
              f"torch kernels: {torch.backends.cpu.get_cpu_capability()}"]
     if dtype_name and dtype_name != "float32":
